@@ -1,0 +1,50 @@
+"""What every script shares: the ``--params`` argument, the checks run before any work, and loading the
+model at its hook (config and hook name are checked before the weights load)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from dictlearn.models import HookPoint, LanguageModel, load_config, load_language_model, resolve_hook
+from dictlearn.params import DEFAULT_PARAMS_PATH, Params, load_params
+from dictlearn.text import check_source
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS_PATH), help="params file (default: params.json)")
+    return parser
+
+
+def threads_from_env() -> None:
+    """Respect DICTLEARN_THREADS (torch otherwise takes every core it sees)."""
+    if threads := os.environ.get("DICTLEARN_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def quiet_transformers() -> None:
+    """Scripts print their own progress; transformers' warnings and loading bars would bury it."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def prepare(params_path: str | Path, *, needs_text: bool = True) -> tuple[Params, LanguageModel, HookPoint]:
+    """Load params, check the text source and the hook against the model's config, then load the model."""
+    quiet_transformers()
+    params = load_params(params_path)
+    if needs_text:
+        check_source(params.data)
+    config = load_config(params.model)
+    hook = resolve_hook(config, params.hook)
+    lm = load_language_model(params.model)
+    return params, lm, hook
+
+
+def store_path(params: Params, lm: LanguageModel, hook: HookPoint) -> Path:
+    return Path(params.store.path.format(model=lm.short_name, hook=hook.name))

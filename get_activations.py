@@ -1,0 +1,69 @@
+"""Harvest activations at the params' hook into a sharded on-disk store.
+
+python get_activations.py [--params params.json] [--tokens N] [--out FOLDER]
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from dictlearn.cli import argument_parser, prepare, store_path, threads_from_env
+from dictlearn.errors import run_script
+from dictlearn.harvest import LiveActivations
+from dictlearn.models import hook_width
+from dictlearn.report import format_bytes, print_table
+from dictlearn.store import StoreWriter, write_store
+from dictlearn.text import training_windows
+
+
+def main() -> None:
+    parser = argument_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--tokens", type=int, help="rows to write (default: store.tokens)")
+    parser.add_argument("--out", help="store folder (default: store.path)")
+    args = parser.parse_args()
+    threads_from_env()
+    params, lm, hook = prepare(args.params)
+    tokens = args.tokens or params.store.tokens
+    out = args.out or store_path(params, lm, hook)
+    source = LiveActivations(
+        lm,
+        hook,
+        lambda: training_windows(params.data, lm.tokenizer),
+        params.buffer.model_batch_size,
+        params.buffer.exclude_special_tokens,
+    )
+    meta = {
+        "model": params.model.name,
+        "hook": hook.name,
+        "d_in": hook_width(lm.config, hook),
+        "context_size": params.data.context_size,
+        "params": params.model_dump(),
+    }
+    writer = StoreWriter(out, meta, params.store.shard_tokens, getattr(torch, params.store.dtype))
+    start = time.perf_counter()
+    with tqdm(total=tokens, unit="tok", desc=f"harvest {hook.name}") as bar:
+        meta = write_store(source.iter_chunks(), writer, tokens, bar.update)
+    seconds = time.perf_counter() - start
+    print_table(
+        [
+            ["store", str(out)],
+            ["model", params.model.name],
+            ["hook", hook.name],
+            ["d_in", meta["d_in"]],
+            ["tokens", f"{meta['tokens']:,}"],
+            ["shards", len(meta["shards"])],
+            ["seconds", f"{seconds:.1f}"],
+            ["tokens/s", f"{meta['tokens'] / seconds:,.0f}"],
+            ["bytes", format_bytes(writer.bytes)],
+        ],
+        headers=["activation store", ""],
+    )
+    if meta["tokens"] < tokens:
+        print(f"note: the text source ran out after {meta['tokens']:,} of the {tokens:,} tokens asked for")
+
+
+if __name__ == "__main__":
+    run_script(main)
