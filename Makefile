@@ -23,7 +23,7 @@ harvest: data
 	$(PY) get_activations.py
 
 train: data
-	$(PY) get_activations.py
+	$(PY) training_script.py
 
 test: data
 	$(PY) -m pytest

@@ -84,6 +84,12 @@ class ShuffledBuffer:
         self.free = torch.cat([self.free, slots])
         return self.storage_ND[slots.to(self.device)]
 
+    def peek(self, rows: int) -> torch.Tensor:
+        """Up to ``rows`` unread rows, left unread (for initialisation from a data sample)."""
+        if len(self.unread) == 0:
+            self.refill()
+        return self.storage_ND[self.unread[:rows].to(self.device)]
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         while (batch := self.next_batch()) is not None:
             yield batch

@@ -91,6 +91,50 @@ class StoreParams(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Stored dtype.")
 
 
+class SAEParams(Section):
+    num_latents: PositiveInt | None = Field(None, description="Dictionary size; default expansion_factor * d_in.")
+    expansion_factor: PositiveInt = Field(8, description="Latents per input dimension when num_latents is unset.")
+    k: PositiveInt = Field(32, description="Active latents per token (TopK; Gao et al. 2024).")
+    aux_k: PositiveInt | None = Field(
+        None, description="Dead latents used by the AuxK loss; default d_in / 2 (Gao et al. 2024, A.2)."
+    )
+    aux_coef: float = Field(1 / 32, ge=0, description="AuxK loss coefficient (Gao et al. 2024, A.2: 1/32).")
+    dead_tokens: PositiveInt | None = Field(
+        None,
+        description="A latent is dead after this many tokens without firing; default min(10M, train.tokens / 10) "
+        "so that short runs can find dead latents (Gao et al. use 10M).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autoencoder parameter dtype.")
+
+
+class TrainParams(Section):
+    tokens: PositiveInt = Field(1_000_000, description="Training tokens (rows); the run also stops if text runs out.")
+    source: Literal["live", "store"] = Field(
+        "live", description="'live' streams from the model; 'store' reads the store written by get_activations.py."
+    )
+    lr: float | None = Field(
+        None, gt=0, description="Adam learning rate; default 2e-4 / sqrt(num_latents / 2**14) (Gao et al. 2024)."
+    )
+    warmup_fraction: float = Field(0.02, ge=0, lt=1, description="Linear learning-rate warm-up, fraction of steps.")
+    decay_start_fraction: float = Field(
+        0.8, gt=0, le=1, description="Linear decay to zero starts here (Gao et al.: the last 20% of training)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed for initialisation and the buffer's shuffling.")
+    checkpoint_every: PositiveInt = Field(50, description="Steps between checkpoints (for --resume).")
+    log_every: PositiveInt = Field(10, description="Steps between metrics.jsonl records.")
+    output_dir: str = Field("dictionaries", description="Runs go to <output_dir>/<model>/<hook>/<run_name>/.")
+    run_name: str | None = Field(None, description="Run folder name; default '<num_latents>_k<k>'.")
+
+
+class EvalParams(Section):
+    tokens: PositiveInt = Field(16384, description="Held-out tokens for FVU, L0 and dead fraction.")
+    lm_loss_windows: int = Field(
+        24, ge=0, description="Held-out windows for the LM loss with the reconstruction spliced in (0 skips it)."
+    )
+    batch_size: PositiveInt = Field(8, description="Windows per forward during evaluation.")
+
+
 class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams, description="The language model.")
     data: DataParams = Field(default_factory=DataParams, description="Where text comes from.")
@@ -100,6 +144,9 @@ class Params(Section):
     )
     buffer: BufferParams = Field(default_factory=BufferParams, description="The shuffled activation buffer.")
     store: StoreParams = Field(default_factory=StoreParams, description="The on-disk activation store.")
+    sae: SAEParams = Field(default_factory=SAEParams, description="The sparse autoencoder.")
+    train: TrainParams = Field(default_factory=TrainParams, description="The training run.")
+    eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation on held-out text.")
 
     def with_overrides(self, **sections: Any) -> Params:
         """A copy with whole sections or fields replaced (params themselves are never mutated)."""

@@ -22,7 +22,9 @@ META = "meta.json"
 
 
 class StoreWriter:
-    """Append chunks; shards are cut at ``shard_tokens`` rows; ``finish`` writes meta and publishes."""
+    """Append chunks; shards are cut at ``shard_tokens`` rows; ``finish`` writes meta and publishes.
+
+    Rows are copied into one preallocated shard block, so memory is one shard whatever the token count."""
 
     def __init__(self, path: str | Path, meta: dict, shard_tokens: int, dtype: torch.dtype = torch.float32):
         self.path = Path(path)
@@ -30,35 +32,39 @@ class StoreWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         self.meta = dict(meta)
-        self.shard_tokens = shard_tokens
         self.dtype = dtype
-        self.pending: list[ActivationChunk] = []
+        self.shard_acts = torch.empty(shard_tokens, int(meta["d_in"]), dtype=dtype)
+        self.shard_token_ids = torch.empty(shard_tokens, dtype=torch.long)
         self.pending_rows = 0
         self.shards: list[dict] = []
         self.tokens = 0
         self.bytes = 0
 
     def add(self, chunk: ActivationChunk) -> None:
-        self.pending.append(ActivationChunk(chunk.acts.to("cpu", self.dtype), chunk.token_ids.cpu()))
-        self.pending_rows += len(chunk.acts)
-        while self.pending_rows >= self.shard_tokens:
-            self._write_shard(self.shard_tokens)
+        done = 0
+        while done < len(chunk.acts):
+            take = min(len(chunk.acts) - done, len(self.shard_acts) - self.pending_rows)
+            rows = slice(self.pending_rows, self.pending_rows + take)
+            self.shard_acts[rows] = chunk.acts[done : done + take]
+            self.shard_token_ids[rows] = chunk.token_ids[done : done + take]
+            self.pending_rows += take
+            done += take
+            if self.pending_rows == len(self.shard_acts):
+                self._write_shard()
 
-    def _write_shard(self, rows: int) -> None:
-        acts = torch.cat([c.acts for c in self.pending])
-        token_ids = torch.cat([c.token_ids for c in self.pending])
-        rest = ActivationChunk(acts[rows:], token_ids[rows:])
-        self.pending = [rest] if len(rest.acts) else []
-        self.pending_rows = len(rest.acts)
+    def _write_shard(self) -> None:
+        rows = self.pending_rows
         name = f"shard_{len(self.shards):05d}.safetensors"
-        save_file({"acts": acts[:rows].contiguous(), "token_ids": token_ids[:rows].contiguous()}, self.partial / name)
+        tensors = {"acts": self.shard_acts[:rows], "token_ids": self.shard_token_ids[:rows]}
+        save_file({key: value.contiguous() for key, value in tensors.items()}, self.partial / name)
         self.shards.append({"file": name, "rows": rows})
         self.tokens += rows
+        self.pending_rows = 0
         self.bytes += (self.partial / name).stat().st_size
 
     def finish(self) -> dict:
         if self.pending_rows:
-            self._write_shard(self.pending_rows)
+            self._write_shard()
         meta = {**self.meta, "dtype": str(self.dtype).removeprefix("torch."), "tokens": self.tokens}
         meta["shards"] = self.shards
         (self.partial / META).write_text(json.dumps(meta, indent=2))

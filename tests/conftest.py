@@ -8,7 +8,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 
 
 def tiny_gpt2():
-    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=101, n_positions=64, bos_token_id=1, eos_token_id=1)
+    config = GPT2Config(
+        n_layer=3,
+        n_embd=32,
+        n_head=4,
+        vocab_size=101,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+        initializer_range=0.2,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -70,3 +79,87 @@ class ToyTokenizer:
 @pytest.fixture
 def toy_tokenizer():
     return ToyTokenizer()
+
+
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "it",
+    "that",
+    "he",
+    "she",
+    "her",
+    "his",
+    "they",
+    "we",
+    "you",
+    "said",
+    "very",
+    "much",
+    "would",
+    "could",
+    "not",
+    "be",
+    "have",
+    "had",
+    "been",
+    "there",
+    "which",
+    "when",
+    "what",
+    "all",
+    "one",
+    "so",
+    "no",
+    "more",
+    "time",
+    "must",
+    "know",
+    "think",
+    "good",
+    "little",
+    "such",
+]
+
+
+def write_corpus(path, sentences: int = 3000, seed: int = 0) -> None:
+    """A small text file of word-salad sentences over ``WORDS``."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + " ." for _ in range(sentences)]
+    path.write_text("\n\n".join(lines))
+
+
+def word_tokenizer():
+    """A real fast tokenizer (WordLevel over ``WORDS``) with BOS/EOS/PAD, savable with a checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3, ".": 4}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_with_text(tmp_path_factory):
+    """A tiny Llama checkpoint with a word-level tokenizer, and a corpus file it can read."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 0, 1, 2
+    model.save_pretrained(folder / "model")
+    word_tokenizer().save_pretrained(folder / "model")
+    write_corpus(folder / "corpus.txt")
+    return folder / "model", folder / "corpus.txt"

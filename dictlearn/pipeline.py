@@ -1,0 +1,44 @@
+"""Wiring shared by the scripts: the training data source (live from the model, or the on-disk store)
+feeding the shuffled buffer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dictlearn.buffer import ShuffledBuffer
+from dictlearn.errors import UserError
+from dictlearn.harvest import LiveActivations
+from dictlearn.models import HookPoint, LanguageModel, hook_width
+from dictlearn.params import Params
+from dictlearn.store import ActivationStore
+from dictlearn.text import training_windows
+
+
+def training_buffer(params: Params, lm: LanguageModel, hook: HookPoint, store_folder: Path) -> ShuffledBuffer:
+    """The shuffled buffer over live activations or over the store, as ``train.source`` says."""
+    d_in = hook_width(lm.config, hook)
+    if params.train.source == "store":
+        store = ActivationStore(store_folder)
+        if store.meta.get("hook") != hook.name or store.meta.get("model") != params.model.name:
+            raise UserError(
+                f"activation store {store_folder} holds {store.meta.get('model')} at {store.meta.get('hook')}, "
+                f"not {params.model.name} at {hook.name}; run get_activations.py with these params"
+            )
+        source = store.iter_chunks
+    else:
+        live = LiveActivations(
+            lm,
+            hook,
+            lambda: training_windows(params.data, lm.tokenizer),
+            params.buffer.model_batch_size,
+            params.buffer.exclude_special_tokens,
+        )
+        source = live.iter_chunks
+    return ShuffledBuffer(
+        source,
+        d_in=d_in,
+        size=params.buffer.size_tokens,
+        batch_size=params.buffer.batch_size,
+        refill_fraction=params.buffer.refill_fraction,
+        seed=params.train.seed,
+    )

@@ -1,0 +1,112 @@
+"""The scripts end to end on a tiny checkpoint: harvest a store, train from it and live, kill and resume,
+evaluate, and refuse a mismatched dictionary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_params import assert_one_line_error
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_params(model: Path, corpus: Path, tmp_path: Path, **train) -> dict:
+    return {
+        "model": {"name": str(model), "device": "cpu"},
+        "data": {"source": "files", "path": str(corpus), "context_size": 16},
+        "hook": "blocks.1.hook_resid_post",
+        "buffer": {"size_tokens": 2048, "batch_size": 256, "model_batch_size": 8},
+        "store": {"path": str(tmp_path / "store"), "tokens": 3000, "shard_tokens": 1024},
+        "sae": {"expansion_factor": 4, "k": 4},
+        "train": {
+            "tokens": 3000,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "output_dir": str(tmp_path / "dicts"),
+            **train,
+        },
+        "eval": {"tokens": 300, "lm_loss_windows": 4, "batch_size": 4},
+    }
+
+
+def run(script: str, params: dict, tmp_path: Path, *extra: str, **popen) -> subprocess.CompletedProcess:
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(REPO / script), "--params", str(tmp_path / "params.json"), *extra]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def test_harvest_then_train_from_the_store(tmp_path, tiny_checkpoint_with_text):
+    model, corpus = tiny_checkpoint_with_text
+    params = tiny_params(model, corpus, tmp_path, source="store")
+    harvest = run("get_activations.py", params, tmp_path)
+    assert harvest.returncode == 0, harvest.stderr
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    assert meta["tokens"] == 3000 and meta["d_in"] == 32 and meta["hook"] == "blocks.1.hook_resid_post"
+    assert "tokens/s" in harvest.stdout
+    trained = run("training_script.py", params, tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    folder = tmp_path / "dicts" / "model" / "blocks.1.hook_resid_post" / "128_k4"
+    for name in ("ae.pt", "config.json", "metrics.jsonl", "eval.json", "loss.png", "sparsity.png", "density.png"):
+        assert (folder / name).is_file(), name
+    assert not (folder / "checkpoint.pt").exists()
+    result = json.loads((folder / "eval.json").read_text())
+    assert 0 <= result["fvu"] < 1.5 and 0 < result["l0"] <= 4 and "loss_recovered" in result
+    assert "LM loss recovered" in trained.stdout
+
+    again = run("evaluate.py", params, tmp_path, "--dictionary", str(folder))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((folder / "eval.json").read_text())["fvu"] == pytest.approx(result["fvu"], rel=1e-4)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_checkpoint_with_text):
+    model, corpus = tiny_checkpoint_with_text
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight_dir.mkdir(), killed_dir.mkdir()
+    # Long enough (78 steps) that the kill lands mid-run, right after the first checkpoint.
+    straight = run("training_script.py", tiny_params(model, corpus, straight_dir, tokens=20000), straight_dir)
+    assert straight.returncode == 0, straight.stderr
+
+    params = tiny_params(model, corpus, killed_dir, tokens=20000)
+    (killed_dir / "params.json").write_text(json.dumps(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(REPO / "training_script.py"), "--params", str(killed_dir / "params.json")]
+    folder = killed_dir / "dicts" / "model" / "blocks.1.hook_resid_post" / "128_k4"
+    process = subprocess.Popen(command, cwd=killed_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (folder / "checkpoint.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (folder / "checkpoint.pt").exists(), "the run finished before a checkpoint could be killed"
+    resumed = run("training_script.py", params, killed_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a = torch.load(folder / "ae.pt")
+    b = torch.load(straight_dir / "dicts" / "model" / "blocks.1.hook_resid_post" / "128_k4" / "ae.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_dictionary_of_another_width_is_refused(tmp_path, tiny_checkpoint_with_text):
+    from dictlearn.sae import TopKSAE
+
+    model, corpus = tiny_checkpoint_with_text
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    TopKSAE(48, 96, 4).save(folder / "ae.pt")
+    config = {"trainer": {"lm_name": str(model), "submodule_name": "blocks.1.hook_resid_post"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run("evaluate.py", tiny_params(model, corpus, tmp_path), tmp_path, "--dictionary", str(folder))
+    assert_one_line_error(
+        result, r"dictionary width 48 does not match the activation width 32 at blocks.1.hook_resid_post"
+    )

@@ -1,0 +1,144 @@
+"""The training loop: schedule, dead latents, exact kill-and-resume, divergence, and the run folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dictlearn.buffer import ShuffledBuffer
+from dictlearn.dictionary import (
+    check_dictionary_matches,
+    dictionary_config,
+    load_dictionary,
+    save_dictionary,
+)
+from dictlearn.errors import UserError
+from dictlearn.harvest import ActivationChunk
+from dictlearn.models import HookPoint
+from dictlearn.params import Params
+from dictlearn.sae import TopKSAE
+from dictlearn.train import DeadLatentTracker, Schedule, Trainer, default_lr
+
+D, F, K = 16, 64, 4
+
+
+def synthetic_source(total_rows: int = 4096, chunk_rows: int = 256, poison: bool = False):
+    """Sparse sums of fixed directions, restartable at any chunk; ``poison`` puts an inf in chunk 3."""
+    directions = torch.nn.functional.normalize(torch.randn(48, D, generator=torch.Generator().manual_seed(7)), dim=-1)
+
+    def source(start: int):
+        for index in range(start, total_rows // chunk_rows):
+            g = torch.Generator().manual_seed(100 + index)
+            codes = torch.rand(chunk_rows, 48, generator=g) * (torch.rand(chunk_rows, 48, generator=g) < 0.08)
+            acts = codes @ directions
+            if poison and index == 3:
+                acts[0, 0] = float("inf")
+            yield ActivationChunk(acts, torch.zeros(chunk_rows, dtype=torch.long))
+
+    return source
+
+
+def make_params(**train) -> Params:
+    return Params().with_overrides(
+        sae={"num_latents": F, "k": K, "aux_k": 8, "dead_tokens": 512},
+        buffer={"size_tokens": 1024, "batch_size": 128, "refill_fraction": 0.5},
+        train={"tokens": 4096, "checkpoint_every": 5, "log_every": 2, "warmup_fraction": 0.1, **train},
+    )
+
+
+def make_trainer(params: Params, folder, poison: bool = False) -> Trainer:
+    torch.manual_seed(params.train.seed)
+    sae = TopKSAE(D, F, K)
+    buffer = ShuffledBuffer(synthetic_source(poison=poison), d_in=D, size=1024, batch_size=128, seed=params.train.seed)
+    return Trainer(sae, buffer, params, folder, lr=1e-3)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    params = make_params()
+    straight = make_trainer(params, tmp_path / "straight")
+    straight.sae.init_b_dec_(straight.buffer.peek(512))
+    straight.fit()
+
+    first = make_trainer(params, tmp_path / "killed")
+    first.sae.init_b_dec_(first.buffer.peek(512))
+
+    def kill_at_13(trainer, record):
+        if trainer.step == 13:  # two steps after the checkpoint at step 10
+            raise Killed
+
+    with pytest.raises(Killed):
+        first.fit(on_step=kill_at_13)
+    resumed = make_trainer(params, tmp_path / "killed")
+    resumed.load_checkpoint()
+    assert resumed.step == 10
+    resumed.fit()
+    assert resumed.step == straight.step == 32
+    for name, value in straight.sae.state_dict().items():
+        torch.testing.assert_close(resumed.sae.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert resumed.metrics == straight.metrics
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="--resume: no checkpoint at .*checkpoint.pt; start the run without --resume"):
+        make_trainer(make_params(), tmp_path).load_checkpoint()
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(make_params(checkpoint_every=2), tmp_path, poison=True)
+    with pytest.raises(UserError, match=r"training diverged: loss is (nan|inf) at step \d+; the last good checkpoint"):
+        trainer.fit()
+    good = torch.load(trainer.checkpoint_path, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in good["sae"].values())
+
+
+def test_schedule_warms_up_and_decays_to_zero():
+    schedule = Schedule(total_steps=100, warmup_steps=10, decay_start=80)
+    assert schedule.factor(0) == pytest.approx(0.1) and schedule.factor(9) == 1.0
+    assert schedule.factor(50) == 1.0 and schedule.factor(90) == pytest.approx(0.5) and schedule.factor(100) == 0.0
+
+
+def test_default_lr_scales_with_inverse_sqrt_latents():
+    assert default_lr(2**14) == pytest.approx(2e-4) and default_lr(2**16) == pytest.approx(1e-4)
+
+
+def test_dead_latent_tracker_counts_tokens_since_firing():
+    tracker = DeadLatentTracker(num_latents=4, dead_tokens=5)
+    tracker.update(torch.tensor([[0, 1], [0, 2]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    assert tracker.tokens_since_fired_F.tolist() == [0, 0, 2, 2]  # latent 2 was chosen with value 0: not fired
+    tracker.update(torch.tensor([[0, 1]] * 3), torch.ones(3, 2))
+    assert tracker.dead_mask().tolist() == [False, False, True, True]
+
+
+def test_dictionary_folder_round_trip_and_mismatch_messages(tmp_path):
+    params = make_params()
+    sae = TopKSAE(D, F, K)
+    hook = HookPoint("blocks.1.hook_resid_post", 1, "hook_resid_post", "model.layers.1", "output")
+    config = dictionary_config(
+        params, d_in=D, hook=hook, lr=1e-3, steps=10, warmup_steps=1, decay_start=8, device="cpu"
+    )
+    save_dictionary(tmp_path, sae, config)
+    loaded, loaded_config = load_dictionary(tmp_path)
+    x = torch.randn(5, D)
+    torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
+    assert loaded_config["trainer"]["dict_class"] == "AutoEncoderTopK" and loaded_config["buffer"]["d_submodule"] == D
+    assert set(torch.load(tmp_path / "ae.pt")) == {
+        "encoder.weight",
+        "encoder.bias",
+        "decoder.weight",
+        "b_dec",
+        "k",
+        "threshold",
+    }
+    check_dictionary_matches(config, sae, model_name="smollm2-135m", hook_name=hook.name, d_in=D)
+    with pytest.raises(UserError, match=r"dictionary width 16 does not match the activation width 32 at blocks.1"):
+        check_dictionary_matches(config, sae, model_name="smollm2-135m", hook_name=hook.name, d_in=32)
+    with pytest.raises(UserError, match=r"trained at hook 'blocks.1.hook_resid_post', not 'blocks.2.hook_mlp_out'"):
+        check_dictionary_matches(config, sae, model_name="smollm2-135m", hook_name="blocks.2.hook_mlp_out", d_in=D)
+    with pytest.raises(UserError, match=r"trained on model 'smollm2-135m', not 'gpt2'; set model.name"):
+        check_dictionary_matches(config, sae, model_name="gpt2", hook_name=hook.name, d_in=D)
+    with pytest.raises(UserError, match=r"no dictionary at .*ae.pt is missing"):
+        load_dictionary(tmp_path / "nothing")

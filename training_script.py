@@ -1,0 +1,80 @@
+"""Train a TopK sparse autoencoder with AuxK (Gao et al. 2024) on activations at the params' hook.
+
+    python training_script.py [--params params.json] [--resume]
+
+Writes dictionaries/<model>/<hook>/<num_latents>_k<k>/: ae.pt, config.json, metrics.jsonl, eval.json, plots.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from dictlearn.cli import argument_parser, prepare, store_path, threads_from_env
+from dictlearn.dictionary import dictionary_config, num_latents_of, run_folder, save_dictionary, write_json
+from dictlearn.errors import run_script
+from dictlearn.evaluate import evaluate_dictionary
+from dictlearn.models import hook_width
+from dictlearn.pipeline import training_buffer
+from dictlearn.report import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
+from dictlearn.sae import TopKSAE
+from dictlearn.train import Trainer, default_lr
+
+
+def main() -> None:
+    parser = argument_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    args = parser.parse_args()
+    threads_from_env()
+    params, lm, hook = prepare(args.params, needs_text=True)
+    d_in = hook_width(lm.config, hook)
+    num_latents = num_latents_of(params, d_in)
+    folder = run_folder(params, lm.short_name, hook.name, d_in)
+    buffer = training_buffer(params, lm, hook, store_path(params, lm, hook))
+    torch.manual_seed(params.train.seed)
+    sae = TopKSAE(d_in, num_latents, params.sae.k, dtype=getattr(torch, params.sae.dtype), device=lm.device)
+    trainer = Trainer(sae, buffer, params, folder, params.train.lr or default_lr(num_latents))
+    config = dictionary_config(
+        params,
+        d_in=d_in,
+        hook=hook,
+        lr=trainer.lr,
+        steps=trainer.total_steps,
+        warmup_steps=trainer.schedule.warmup_steps,
+        decay_start=trainer.schedule.decay_start,
+        device=str(lm.device),
+    )
+    if args.resume:
+        trainer.load_checkpoint()
+        print(f"resuming {folder} at step {trainer.step} of {trainer.total_steps}")
+    else:
+        sae.init_b_dec_(buffer.peek(8192).to(lm.device))
+    print(f"training {num_latents} latents (k={params.sae.k}) on {params.model.name} {hook.name} -> {folder}")
+    start, start_tokens = time.perf_counter(), trainer.tokens
+    with tqdm(total=trainer.total_steps * params.buffer.batch_size, initial=trainer.tokens, unit="tok") as bar:
+
+        def show(trainer: Trainer, record: dict) -> None:
+            bar.update(record["tokens"] - bar.n)
+            bar.set_postfix(
+                fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{100 * record['dead_fraction']:.1f}%"
+            )
+
+        trainer.fit(on_step=show)
+    seconds = time.perf_counter() - start
+    save_dictionary(folder, sae, config)
+    plot_training_curves(trainer.metrics, folder)
+    result = evaluate_dictionary(lm, hook, sae, params)
+    plot_density_histogram(result.pop("density").numpy(), folder)
+    result["train_tokens"], result["train_tokens_per_s"] = trainer.tokens, (trainer.tokens - start_tokens) / seconds
+    write_json(folder / "eval.json", result)
+    trainer.checkpoint_path.unlink(missing_ok=True)
+    print_table(
+        evaluation_rows(result) + [["training tokens/s", f"{result['train_tokens_per_s']:,.0f}"]],
+        headers=["evaluation", str(folder)],
+    )
+
+
+if __name__ == "__main__":
+    run_script(main)
