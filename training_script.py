@@ -12,10 +12,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from dictlearn.cli import argument_parser, prepare, store_path, threads_from_env
-from dictlearn.dictionary import dictionary_config, num_latents_of, run_folder, save_dictionary, write_json
+from dictlearn.cli import argument_parser, keep_freed_memory, prepare, store_path, threads_from_env
+from dictlearn.dictionary import dictionary_config, num_latents_of, run_folder, save_dictionary
 from dictlearn.errors import run_script
 from dictlearn.evaluate import evaluate_dictionary
+from dictlearn.files import write_json
 from dictlearn.models import hook_width
 from dictlearn.pipeline import training_buffer
 from dictlearn.report import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     args = parser.parse_args()
     threads_from_env()
+    keep_freed_memory()
     params, lm, hook = prepare(args.params, needs_text=True)
     d_in = hook_width(lm.config, hook)
     num_latents = num_latents_of(params, d_in)

@@ -5,39 +5,17 @@ that a dictionary is only used on the model and hook it was trained on."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dictlearn.errors import UserError
+from dictlearn.files import write_json
 from dictlearn.params import Params
 from dictlearn.sae import TopKSAE
 
 AE_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(temp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temp))
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data) -> None:
-    atomic_write(path, lambda temp: temp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def torch_save(path: Path, obj) -> None:
-    atomic_write(path, lambda temp: torch.save(obj, temp))
 
 
 def num_latents_of(params: Params, d_in: int) -> int:
@@ -85,7 +63,7 @@ def dictionary_config(
 
 
 def save_dictionary(folder: Path, sae: TopKSAE, config: dict) -> None:
-    torch_save(folder / AE_FILE, sae.to_dictionary_learning_state_dict())
+    sae.save(folder / AE_FILE)
     write_json(folder / CONFIG_FILE, config)
 
 

@@ -83,6 +83,30 @@ def _next_token_loss(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, text_
     return float(losses[mask.flatten()].sum()), int(mask.sum())
 
 
+def _text_batches(
+    lm: LanguageModel, windows: Iterable[list[int]], batch_size: int, excluded_ids: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of windows on the model's device, (B, T), with the mask of their text (not special) tokens."""
+    for batch in batched(windows, batch_size):
+        input_ids = torch.tensor(batch, dtype=torch.long)
+        text_BT = ~torch.isin(input_ids, excluded_ids)
+        yield input_ids.to(lm.device), text_BT.to(lm.device)
+
+
+@torch.no_grad()
+def lm_loss(
+    lm: LanguageModel, windows: Iterable[list[int]], batch_size: int, excluded_ids: torch.Tensor
+) -> tuple[float, int]:
+    """The model's mean next-token loss on the text tokens of ``windows``, and the number of tokens averaged."""
+    total, count = 0.0, 0
+    for input_ids, text_BT in _text_batches(lm, windows, batch_size, excluded_ids):
+        loss_sum, n = _next_token_loss(lm.model(input_ids).logits, input_ids, text_BT)
+        total, count = total + loss_sum, count + n
+    if count == 0:
+        raise ValueError("no held-out windows for the LM loss")
+    return total / count, count
+
+
 def _reconstruct_at(sae: TopKSAE, text_BT: torch.Tensor):
     """Replace the activation at text positions by the SAE's reconstruction of it."""
 
@@ -106,11 +130,7 @@ def spliced_lm_loss(
     """LM loss clean, with the SAE reconstruction spliced in at ``hook``, and with the activation zeroed."""
     totals = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0}
     count = 0
-    for batch in batched(windows, batch_size):
-        input_ids = torch.tensor(batch, dtype=torch.long)
-        text_BT = ~torch.isin(input_ids, excluded_ids)
-        input_ids, text_on_device = input_ids.to(lm.device), text_BT.to(lm.device)
-
+    for input_ids, text_on_device in _text_batches(lm, windows, batch_size, excluded_ids):
         replacements = {
             "clean": None,
             "spliced": _reconstruct_at(sae, text_on_device),

@@ -30,7 +30,7 @@ def save_figure(fig, path) -> None:
     """Save a figure atomically (temporary file, then rename) and close it."""
     from pathlib import Path
 
-    from dictlearn.dictionary import atomic_write
+    from dictlearn.files import atomic_write
 
     atomic_write(Path(path), lambda temp: fig.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
     _pyplot().close(fig)

@@ -6,8 +6,6 @@ row (``k``, or ``aux_k`` for AuxK), N distinct latents a selection touches, S sa
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dictlearn.errors import UserError
+from dictlearn.files import torch_save
 
 # A selection that fills at least this fraction of the (B, N) block of the latents it touches is multiplied
 # as that dense block with BLAS rather than entry by entry. Measured on the 2-core EPYC bench machine
@@ -375,19 +374,12 @@ class TopKSAE(nn.Module):
         return sae
 
     def save(self, path: str | Path) -> None:
-        """Write ``to_dictionary_learning_state_dict()`` with ``torch.save``, atomically: a temporary file in the
-        same folder, then ``os.replace``, so a crash never leaves a half-written ``ae.pt``."""
+        """Write ``to_dictionary_learning_state_dict()`` with ``torch.save``, atomically (temporary file, then
+        rename), so a crash never leaves a half-written ``ae.pt``."""
         path = Path(path)
         if not path.parent.is_dir():
             raise UserError(f"cannot save dictionary to {path}: folder {path.parent} does not exist")
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.to_dictionary_learning_state_dict(), f)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        torch_save(path, self.to_dictionary_learning_state_dict())
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> TopKSAE:

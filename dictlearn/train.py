@@ -8,6 +8,7 @@ killed at any moment and resumed ends with the same weights as one never stopped
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 
 from dictlearn.buffer import ShuffledBuffer
-from dictlearn.dictionary import torch_save, write_json
 from dictlearn.errors import UserError
+from dictlearn.files import atomic_write, torch_save
 from dictlearn.params import Params
 from dictlearn.sae import TopKSAE
 from dictlearn.step import sae_step
@@ -142,9 +143,7 @@ class Trainer:
         self.last_checkpoint_step = self.step
 
     def _write_metrics(self) -> None:
-        lines = "".join(_json_line(m) for m in self.metrics)
-        from dictlearn.dictionary import atomic_write
-
+        lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
         atomic_write(self.folder / METRICS_FILE, lambda temp: temp.write_text(lines))
 
     def fit(self, on_step: Callable[[Trainer, dict], None] = lambda trainer, record: None) -> None:
@@ -196,13 +195,3 @@ class Trainer:
                 self.save_checkpoint()
             on_step(self, record)
         self._write_metrics()
-
-
-def _json_line(record: dict) -> str:
-    import json
-
-    return json.dumps(record) + "\n"
-
-
-def write_run_config(folder: Path, config: dict) -> None:
-    write_json(folder / "config.json", config)
