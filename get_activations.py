@@ -6,6 +6,7 @@ python get_activations.py [--params params.json] [--tokens N] [--out FOLDER]
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -15,7 +16,7 @@ from dictlearn.errors import run_script
 from dictlearn.harvest import LiveActivations
 from dictlearn.models import hook_width
 from dictlearn.report import format_bytes, print_table
-from dictlearn.store import StoreWriter, write_store
+from dictlearn.store import META, ActivationStore, StoreWriter, harvest_identity, write_store
 from dictlearn.text import training_windows
 
 
@@ -23,11 +24,12 @@ def main() -> None:
     parser = argument_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--tokens", type=int, help="rows to write (default: store.tokens)")
     parser.add_argument("--out", help="store folder (default: store.path)")
+    parser.add_argument("--overwrite", action="store_true", help="harvest again even if the store is up to date")
     args = parser.parse_args()
     threads_from_env()
     params, lm, hook = prepare(args.params)
     tokens = args.tokens or params.store.tokens
-    out = args.out or store_path(params, lm, hook)
+    out = Path(args.out) if args.out else store_path(params, lm, hook)
     source = LiveActivations(
         lm,
         hook,
@@ -35,13 +37,15 @@ def main() -> None:
         params.buffer.model_batch_size,
         params.buffer.exclude_special_tokens,
     )
-    meta = {
-        "model": params.model.name,
-        "hook": hook.name,
-        "d_in": hook_width(lm.config, hook),
-        "context_size": params.data.context_size,
-        "params": params.model_dump(),
-    }
+    d_in = hook_width(lm.config, hook)
+    identity = harvest_identity(params, hook.name, d_in)
+    if not args.overwrite and (out / META).is_file() and ActivationStore(out).holds(identity, tokens):
+        print(
+            f"activation store {out} is up to date ({len(ActivationStore(out)):,} tokens); --overwrite harvests again"
+        )
+        return
+    meta = {"model": params.model.name, "hook": hook.name, "d_in": d_in, "context_size": params.data.context_size}
+    meta["identity"] = identity
     writer = StoreWriter(out, meta, params.store.shard_tokens, getattr(torch, params.store.dtype))
     start = time.perf_counter()
     with tqdm(total=tokens, unit="tok", desc=f"harvest {hook.name}") as bar:

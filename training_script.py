@@ -65,6 +65,8 @@ def main() -> None:
 
         trainer.fit(on_step=show)
     seconds = time.perf_counter() - start
+    if trainer.step < trainer.total_steps:
+        print(f"note: the activations ran out after {trainer.tokens:,} of the {params.train.tokens:,} tokens asked for")
     save_dictionary(folder, sae, config)
     plot_training_curves(trainer.metrics, folder)
     result = evaluate_dictionary(lm, hook, sae, params)

@@ -86,8 +86,8 @@ class StoreParams(Section):
         "data/activations/{model}/{hook}",
         description="Folder of the sharded store; {model} and {hook} are filled in.",
     )
-    tokens: PositiveInt = Field(262144, description="Activation rows (tokens) get_activations.py writes.")
-    shard_tokens: PositiveInt = Field(32768, description="Rows per shard file.")
+    tokens: PositiveInt = Field(900_000, description="Activation rows (tokens) get_activations.py writes.")
+    shard_tokens: PositiveInt = Field(65536, description="Rows per shard file.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Stored dtype.")
 
 
@@ -108,7 +108,7 @@ class SAEParams(Section):
 
 
 class TrainParams(Section):
-    tokens: PositiveInt = Field(1_000_000, description="Training tokens (rows); the run also stops if text runs out.")
+    tokens: PositiveInt = Field(900_000, description="Training tokens (rows); the run also stops if text runs out.")
     source: Literal["live", "store"] = Field(
         "live", description="'live' streams from the model; 'store' reads the store written by get_activations.py."
     )
@@ -122,7 +122,7 @@ class TrainParams(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seed for initialisation and the buffer's shuffling.")
     checkpoint_every: PositiveInt = Field(50, description="Steps between checkpoints (for --resume).")
-    log_every: PositiveInt = Field(10, description="Steps between metrics.jsonl records.")
+    log_every: PositiveInt = Field(5, description="Steps between metrics.jsonl records.")
     output_dir: str = Field("dictionaries", description="Runs go to <output_dir>/<model>/<hook>/<run_name>/.")
     run_name: str | None = Field(None, description="Run folder name; default '<num_latents>_k<k>'.")
 
@@ -133,6 +133,125 @@ class EvalParams(Section):
         24, ge=0, description="Held-out windows for the LM loss with the reconstruction spliced in (0 skips it)."
     )
     batch_size: PositiveInt = Field(8, description="Windows per forward during evaluation.")
+
+
+# The dictionary get_sparse_rep.py and interpretation.py read unless --dictionary names another: the run that
+# `make train` writes with the default params.
+DEFAULT_DICTIONARY = "dictionaries/smollm2-135m/blocks.6.hook_resid_post/4608_k32"
+
+LATENT_RANKINGS = ("first", "frequent", "strongest")
+
+
+def parse_latent_selection(spec: str) -> tuple[str, int] | list[int]:
+    """'first:N', 'frequent:N' or 'strongest:N' as (ranking, N); '1,2,3' as a list of latent ids."""
+    ranking, _, count = spec.partition(":")
+    if ranking in LATENT_RANKINGS and count.isdigit() and int(count) > 0:
+        return ranking, int(count)
+    ids = [part.strip() for part in spec.split(",")]
+    if spec.strip() and all(part.isdigit() for part in ids):
+        return [int(part) for part in ids]
+    raise ValueError(f"expected 'first:N', 'frequent:N', 'strongest:N' or latent ids like '1,2,3', found {spec!r}")
+
+
+class SentencesParams(Section):
+    csv: str = Field("data/sentences.csv", description="CSV of sentences that get_sparse_rep.py encodes (--csv).")
+    column: str = Field("sentence", description="Column holding the sentences (--column).")
+    group_column: str = Field(
+        "group",
+        description="Column naming each sentence's group; when the CSV has it, a table shows the latents that "
+        "each group's sentences share.",
+    )
+    dictionary: str = Field(DEFAULT_DICTIONARY, description="Dictionary folder, ae.pt + config.json (--dictionary).")
+    per_token: bool = Field(
+        False, description="Keep one code per token instead of averaging each sentence's tokens (--per-token)."
+    )
+    batch_size: PositiveInt = Field(16, description="Sentences per language-model forward.")
+    top_latents: PositiveInt = Field(5, description="Largest latents listed for each sentence.")
+    output_dir: str | None = Field(
+        None, description="Folder for the tables and plots; default <dictionary>/sentences/<csv file name>/."
+    )
+
+
+class InterpretationParams(Section):
+    dictionary: str = Field(DEFAULT_DICTIONARY, description="Dictionary folder, ae.pt + config.json (--dictionary).")
+    tokens: PositiveInt = Field(
+        200_000, description="Corpus tokens scanned from the data section's source (--tokens); fewer if it runs out."
+    )
+    top_n: PositiveInt = Field(10, description="Top-activating contexts kept per latent.")
+    context_before: int = Field(12, ge=0, description="Tokens shown before a context's most activating token.")
+    context_after: int = Field(4, ge=0, description="Tokens shown after a context's most activating token.")
+    histogram_bins: int = Field(32, ge=2, description="Bars in each latent's histogram of activations.")
+    latents: str = Field(
+        "first:384",
+        description="Latents printed: 'first:N', 'frequent:N' (most often active), 'strongest:N' (largest max) "
+        "or ids '1,2,3' (--latents).",
+    )
+    batch_size: PositiveInt = Field(16, description="Windows per language-model forward during the scan.")
+    output_dir: str | None = Field(
+        None, description="Folder for latents.json and latents.html; default <dictionary>/interpretation/."
+    )
+
+    @field_validator("latents")
+    @classmethod
+    def _latents_spec(cls, value: str) -> str:
+        parse_latent_selection(value)
+        return value
+
+
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class SparsityParams(Section):
+    tokens: PositiveInt = Field(
+        32768, description="Training-text tokens streamed for the sparsity statistics and the neurons' top contexts."
+    )
+    eps: float = Field(
+        0.1,
+        ge=0,
+        description="A neuron is inactive on a token when |activation| <= eps: gated (SiLU) and GELU MLPs are "
+        "rarely exactly zero.",
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Layers whose MLP hidden neurons (mlp.hook_post) are measured and pruned; default all."
+    )
+    batch_size: PositiveInt = Field(8, description="Windows per language-model forward.")
+    prune_threshold: Fraction = Field(
+        0.9, description="Neurons inactive on more than this fraction of tokens are pruned (the per-layer table)."
+    )
+    sweep_thresholds: list[Fraction] = Field(
+        [0.5, 0.7, 0.8, 0.9, 0.95, 0.98], min_length=1, description="Thresholds of the loss-vs-pruned curve."
+    )
+    lm_loss_windows: PositiveInt = Field(16, description="Held-out windows for the LM loss before and after pruning.")
+    save_pruned: str | None = Field(
+        None, description="Folder to save the model pruned at prune_threshold (a transformers checkpoint); null: none."
+    )
+    polysemantic_hook: str = Field("blocks.6.mlp.hook_post", description="Hook whose neurons are tested for polysemy.")
+    dictionary: str | None = Field(
+        DEFAULT_DICTIONARY,
+        description="Dictionary trained at a hook of the polysemantic hook's layer, explaining the neurons' top "
+        "contexts; null clusters the residual vectors of those contexts instead.",
+    )
+    polysemantic_threshold: PositiveInt = Field(
+        3, description="Distinct latents (or clusters) among a neuron's top contexts that make it polysemantic."
+    )
+    top_contexts: PositiveInt = Field(32, description="Top-activating contexts (tokens) kept per neuron.")
+    min_share: float = Field(
+        0.15, gt=0, le=1, description="Share of a neuron's top contexts a latent or cluster must account for."
+    )
+    min_lift: float = Field(
+        4.0,
+        ge=1,
+        description="A latent counts only if it is this many times more frequent in the neuron's top contexts than "
+        "on all tokens (latents active everywhere explain nothing).",
+    )
+    cluster_similarity: float = Field(
+        0.5, gt=-1, lt=1, description="Without a dictionary: cosine similarity that links two contexts' residuals."
+    )
+    context_tokens: PositiveInt = Field(12, description="Tokens per example context, ending at the neuron's token.")
+    examples: PositiveInt = Field(3, description="Example contexts kept per latent or cluster.")
+    output_dir: str = Field(
+        "outputs/sparsity/{model}", description="Folder for sparsity.json and the plots; {model} is filled in."
+    )
 
 
 class Params(Section):
@@ -147,6 +266,11 @@ class Params(Section):
     sae: SAEParams = Field(default_factory=SAEParams, description="The sparse autoencoder.")
     train: TrainParams = Field(default_factory=TrainParams, description="The training run.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation on held-out text.")
+    sparsity: SparsityParams = Field(default_factory=SparsityParams, description="sparsity.py's analyzer.")
+    sentences: SentencesParams = Field(default_factory=SentencesParams, description="get_sparse_rep.py's codes.")
+    interpretation: InterpretationParams = Field(
+        default_factory=InterpretationParams, description="interpretation.py's scan for top-activating texts."
+    )
 
     def with_overrides(self, **sections: Any) -> Params:
         """A copy with whole sections or fields replaced (params themselves are never mutated)."""

@@ -10,7 +10,7 @@ from dictlearn.errors import UserError
 from dictlearn.harvest import LiveActivations
 from dictlearn.models import HookPoint, LanguageModel, hook_width
 from dictlearn.params import Params
-from dictlearn.store import ActivationStore
+from dictlearn.store import META, ActivationStore, harvest_identity
 from dictlearn.text import training_windows
 
 
@@ -18,11 +18,18 @@ def training_buffer(params: Params, lm: LanguageModel, hook: HookPoint, store_fo
     """The shuffled buffer over live activations or over the store, as ``train.source`` says."""
     d_in = hook_width(lm.config, hook)
     if params.train.source == "store":
-        store = ActivationStore(store_folder)
-        if store.meta.get("hook") != hook.name or store.meta.get("model") != params.model.name:
+        if not (store_folder / META).is_file():
             raise UserError(
-                f"activation store {store_folder} holds {store.meta.get('model')} at {store.meta.get('hook')}, "
-                f"not {params.model.name} at {hook.name}; run get_activations.py with these params"
+                f"train.source is 'store' but there is no activation store at {store_folder}; "
+                "run get_activations.py first, or set train.source to 'live'"
+            )
+        store = ActivationStore(store_folder)
+        wanted, found = harvest_identity(params, hook.name, d_in), store.meta.get("identity", {})
+        differing = [key for key in wanted if found.get(key) != wanted[key]]
+        if differing:
+            raise UserError(
+                f"activation store {store_folder} was harvested with other {', '.join(differing)} settings; "
+                "run get_activations.py with these params (or --overwrite)"
             )
         source = store.iter_chunks
     else:

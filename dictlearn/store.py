@@ -21,6 +21,18 @@ from dictlearn.harvest import ActivationChunk
 META = "meta.json"
 
 
+def harvest_identity(params, hook_name: str, d_in: int) -> dict:
+    """What makes two stores interchangeable: model, hook, width, text, and which positions are kept."""
+    return {
+        "model": params.model.name,
+        "dtype": params.store.dtype,
+        "hook": hook_name,
+        "d_in": d_in,
+        "data": params.data.model_dump(mode="json"),
+        "exclude_special_tokens": params.buffer.exclude_special_tokens,
+    }
+
+
 class StoreWriter:
     """Append chunks; shards are cut at ``shard_tokens`` rows; ``finish`` writes meta and publishes.
 
@@ -96,6 +108,10 @@ class ActivationStore:
 
     def __len__(self) -> int:
         return int(self.meta["tokens"])
+
+    def holds(self, identity: dict, tokens: int) -> bool:
+        """True when this store was harvested the way ``identity`` says, with at least ``tokens`` rows."""
+        return self.meta.get("identity") == identity and len(self) >= tokens
 
     def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
         """Shards from number ``start`` on, one chunk each."""

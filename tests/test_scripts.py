@@ -53,6 +53,13 @@ def test_harvest_then_train_from_the_store(tmp_path, tiny_checkpoint_with_text):
     meta = json.loads((tmp_path / "store" / "meta.json").read_text())
     assert meta["tokens"] == 3000 and meta["d_in"] == 32 and meta["hook"] == "blocks.1.hook_resid_post"
     assert "tokens/s" in harvest.stdout
+    again = run("get_activations.py", params, tmp_path)
+    assert again.returncode == 0 and "is up to date (3,000 tokens)" in again.stdout
+    other_hook = {**params, "hook": "blocks.0.hook_resid_post"}
+    refused = run("training_script.py", {**other_hook, "store": {**params["store"]}}, tmp_path)
+    assert_one_line_error(
+        refused, r"activation store .*store was harvested with other hook settings; run get_activations.py"
+    )
     trained = run("training_script.py", params, tmp_path)
     assert trained.returncode == 0, trained.stderr
     folder = tmp_path / "dicts" / "model" / "blocks.1.hook_resid_post" / "128_k4"
@@ -110,3 +117,12 @@ def test_dictionary_of_another_width_is_refused(tmp_path, tiny_checkpoint_with_t
     assert_one_line_error(
         result, r"dictionary width 48 does not match the activation width 32 at blocks.1.hook_resid_post"
     )
+
+
+def test_training_from_a_missing_store_says_what_to_run(tmp_path, tiny_checkpoint_with_text):
+    model, corpus = tiny_checkpoint_with_text
+    result = run("training_script.py", tiny_params(model, corpus, tmp_path, source="store"), tmp_path)
+    assert_one_line_error(
+        result, r"train.source is 'store' but there is no activation store at .*run get_activations.py first"
+    )
+    assert not (tmp_path / "dicts").exists()
