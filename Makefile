@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data harvest train test test-fast lint bench clean
+.PHONY: venv data chromium harvest train test test-fast lint bench clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,19 @@ data: venv
 harvest: data
 	$(PY) get_activations.py
 
+# The main job: harvest the embedded default into the store (skipped when up to date), then train from it.
 train: data
+	$(PY) get_activations.py
 	$(PY) training_script.py
 
-test: data
+# Debian's Chromium, for the headless test that opens interpretation.py's HTML page; installed only when absent.
+chromium: /usr/bin/chromium
+
+/usr/bin/chromium:
+	apt-get update
+	apt-get install -y --no-install-recommends chromium
+
+test: data chromium
 	$(PY) -m pytest
 
 test-fast: venv
