@@ -7,6 +7,8 @@ skipped batches are tokenised but never run through the model.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import NamedTuple
@@ -27,6 +29,47 @@ def batched(iterable, size: int) -> Iterator[list]:
     iterator = iter(iterable)
     while batch := list(islice(iterator, size)):
         yield batch
+
+
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """Yield from ``items``, produced up to ``depth`` ahead in a background thread.
+
+    Used to tokenise the next windows while the model runs on the current ones: the tokenizer and the
+    forward both release the GIL, so on a GPU the harvest is no longer held up by tokenisation.
+    An exception in the producer is raised here; closing this generator stops the producer.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+    failure: list[BaseException] = []
+
+    def put(item) -> bool:
+        """Wait for room unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as err:  # handed to the consumer, which raises it
+            failure.append(err)
+        put(done)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        while (item := buffer.get()) is not done:
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
 
 
 def special_token_ids(tokenizer) -> torch.Tensor:
@@ -60,6 +103,7 @@ class LiveActivations:
 
     def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
         """Yield chunks from batch ``start`` on (earlier batches are skipped without a forward)."""
-        for index, batch in enumerate(batched(self.windows(), self.model_batch_size)):
+        batches = (torch.tensor(batch, dtype=torch.long) for batch in batched(self.windows(), self.model_batch_size))
+        for index, input_ids in enumerate(prefetched(batches)):
             if index >= start:
-                yield self.chunk_of(torch.tensor(batch, dtype=torch.long))
+                yield self.chunk_of(input_ids)

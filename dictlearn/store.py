@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +37,9 @@ def harvest_identity(params, hook_name: str, d_in: int) -> dict:
 class StoreWriter:
     """Append chunks; shards are cut at ``shard_tokens`` rows; ``finish`` writes meta and publishes.
 
-    Rows are copied into one preallocated shard block, so memory is one shard whatever the token count."""
+    Rows are copied into one of two preallocated shard blocks; a full block is written by a background thread
+    while the other fills, so disk writes overlap the model's forward. Memory is two shards, whatever the
+    token count."""
 
     def __init__(self, path: str | Path, meta: dict, shard_tokens: int, dtype: torch.dtype = torch.float32):
         self.path = Path(path)
@@ -45,12 +48,17 @@ class StoreWriter:
         self.partial.mkdir(parents=True)
         self.meta = dict(meta)
         self.dtype = dtype
-        self.shard_acts = torch.empty(shard_tokens, int(meta["d_in"]), dtype=dtype)
-        self.shard_token_ids = torch.empty(shard_tokens, dtype=torch.long)
+        self.blocks = [
+            (torch.empty(shard_tokens, int(meta["d_in"]), dtype=dtype), torch.empty(shard_tokens, dtype=torch.long))
+            for _ in range(2)
+        ]
+        self.shard_acts, self.shard_token_ids = self.blocks[0]
         self.pending_rows = 0
         self.shards: list[dict] = []
         self.tokens = 0
         self.bytes = 0
+        self._writer = ThreadPoolExecutor(max_workers=1)
+        self._writing: Future | None = None
 
     def add(self, chunk: ActivationChunk) -> None:
         done = 0
@@ -64,19 +72,29 @@ class StoreWriter:
             if self.pending_rows == len(self.shard_acts):
                 self._write_shard()
 
+    def _wait_for_writer(self) -> None:
+        if self._writing is not None:
+            self._writing.result()  # re-raises a failed write here
+            self._writing = None
+
     def _write_shard(self) -> None:
         rows = self.pending_rows
         name = f"shard_{len(self.shards):05d}.safetensors"
         tensors = {"acts": self.shard_acts[:rows], "token_ids": self.shard_token_ids[:rows]}
-        save_file({key: value.contiguous() for key, value in tensors.items()}, self.partial / name)
+        self._wait_for_writer()  # the other block must be on disk before it is refilled
+        self._writing = self._writer.submit(save_file, tensors, str(self.partial / name))
         self.shards.append({"file": name, "rows": rows})
         self.tokens += rows
         self.pending_rows = 0
-        self.bytes += (self.partial / name).stat().st_size
+        self.blocks.reverse()
+        self.shard_acts, self.shard_token_ids = self.blocks[0]
 
     def finish(self) -> dict:
         if self.pending_rows:
             self._write_shard()
+        self._wait_for_writer()
+        self._writer.shutdown()
+        self.bytes = sum((self.partial / shard["file"]).stat().st_size for shard in self.shards)
         meta = {**self.meta, "dtype": str(self.dtype).removeprefix("torch."), "tokens": self.tokens}
         meta["shards"] = self.shards
         (self.partial / META).write_text(json.dumps(meta, indent=2))
@@ -86,6 +104,7 @@ class StoreWriter:
         return meta
 
     def abort(self) -> None:
+        self._writer.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.partial, ignore_errors=True)
 
 

@@ -80,3 +80,32 @@ def test_failed_write_leaves_no_store(tmp_path):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no activation store at .*run get_activations.py first"):
         ActivationStore(tmp_path / "nowhere")
+
+
+def test_prefetched_keeps_order_raises_and_stops():
+    from dictlearn.harvest import prefetched
+
+    assert list(prefetched(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise UserError("bad line 2")
+
+    with pytest.raises(UserError, match="bad line 2"):
+        list(prefetched(failing()))
+    produced = []
+
+    def endless():
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    stream = prefetched(endless(), depth=2)
+    assert next(stream) == 0
+    stream.close()
+    import time
+
+    time.sleep(0.3)
+    count = len(produced)
+    time.sleep(0.3)
+    assert count == len(produced) and count <= 5  # the producer stopped, a few items ahead at most

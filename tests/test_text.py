@@ -43,3 +43,23 @@ def test_missing_column_and_missing_files_are_clear(tmp_path):
         check_source(DataParams(source="files", path=str(tmp_path / "none")))
     with pytest.raises(UserError, match="run `make data` first"):
         check_source(DataParams(source="austen", path=str(tmp_path / "none")))
+
+
+def test_long_documents_are_tokenised_in_pieces_with_the_same_tokens():
+    from transformers import AutoTokenizer
+
+    from dictlearn.models import CACHE_DIR
+    from dictlearn.text import paragraph_pieces
+
+    paragraphs = [f"Paragraph {i}: she said, 'It is {i} o\u2019clock.'\n  And then-- nothing." for i in range(400)]
+    document = "\n\n".join(paragraphs)
+    pieces = list(paragraph_pieces(document, size=1000))
+    assert len(pieces) > 10 and "".join(pieces) == document
+    assert all(p.endswith("\n") and nxt.startswith("\n") for p, nxt in zip(pieces, pieces[1:]))
+    folder = CACHE_DIR / "smollm2-135m"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("the embedded tokenizer is cached by the first use of the embedded model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    whole = tokenizer(document, add_special_tokens=False)["input_ids"]
+    pieced = [t for p in pieces for t in tokenizer(p, add_special_tokens=False)["input_ids"]]
+    assert pieced == whole
