@@ -36,24 +36,41 @@ def save_figure(fig, path) -> None:
     _pyplot().close(fig)
 
 
+def _format_token_axes(*axes) -> None:
+    """Token counts as 200k / 1.5M on the x axis, and a light grid."""
+    from matplotlib.ticker import EngFormatter
+
+    for ax in axes:
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.grid(alpha=0.3)
+
+
 def plot_training_curves(metrics: list[dict], folder) -> list[str]:
-    """loss.png (loss, FVU, AuxK) and sparsity.png (L0, dead fraction) against training tokens."""
+    """loss.png (FVU and total loss; AuxK beside it) and sparsity.png (L0; dead latents) over training tokens."""
     plt = _pyplot()
     tokens = [m["tokens"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(tokens, [m["loss"] for m in metrics], label="loss")
-    ax.plot(tokens, [m["fvu"] for m in metrics], label="FVU (normalised MSE)")
-    ax.plot(tokens, [m["auxk_loss"] for m in metrics], label="AuxK loss")
-    ax.set(xlabel="training tokens", ylabel="loss", yscale="log", title="Training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, (ax_fvu, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_fvu.plot(tokens, [m["fvu"] for m in metrics], label="FVU (normalised MSE)")
+    ax_fvu.plot(tokens, [m["loss"] for m in metrics], label="loss = FVU + aux_coef * AuxK", linestyle="--")
+    ax_fvu.set(
+        xlabel="training tokens", ylabel="fraction of variance unexplained", yscale="log", title="Reconstruction"
+    )
+    ax_fvu.legend()
+    ax_aux.plot(tokens, [m["auxk_loss"] for m in metrics], color="tab:green")
+    ax_aux.set(xlabel="training tokens", ylabel="AuxK loss (0 while no latent is dead)", title="AuxK loss")
+    ax_aux.set_ylim(bottom=0)
+    _format_token_axes(ax_fvu, ax_aux)
     save_figure(fig, f"{folder}/loss.png")
-    fig, ax_l0 = plt.subplots(figsize=(6.5, 4))
-    ax_l0.plot(tokens, [m["l0"] for m in metrics], color="tab:blue")
-    ax_l0.set(xlabel="training tokens", ylabel="L0 (active latents per token)", title="Sparsity and dead latents")
-    ax_dead = ax_l0.twinx()
-    ax_dead.plot(tokens, [100 * m["dead_fraction"] for m in metrics], color="tab:red")
-    ax_dead.set_ylabel("dead latents (%)", color="tab:red")
+    fig, (ax_l0, ax_dead) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    l0 = [m["l0"] for m in metrics]
+    dead = [100 * m["dead_fraction"] for m in metrics]
+    ax_l0.plot(tokens, l0, color="tab:blue")
+    ax_l0.set(ylabel="L0 (active latents per token)", title="Sparsity and dead latents")
+    ax_l0.set_ylim(0, 1.15 * max(l0, default=1))
+    ax_dead.plot(tokens, dead, color="tab:red")
+    ax_dead.set(xlabel="training tokens", ylabel="dead latents (%)")
+    ax_dead.set_ylim(0, max(1.0, 1.15 * max(dead, default=0)))
+    _format_token_axes(ax_l0, ax_dead)
     save_figure(fig, f"{folder}/sparsity.png")
     return ["loss.png", "sparsity.png"]
 
