@@ -88,6 +88,18 @@ class DeadLatentTracker:
         self.tokens_since_fired_F.copy_(state["tokens_since_fired"])
 
 
+def _changed_fields(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """'section.key: old -> new' for every field that differs between two params dumps."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_fields(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changed
+
+
 class Trainer:
     """Trains ``sae`` on batches from ``buffer`` and writes checkpoints and metrics into ``folder``."""
 
@@ -126,6 +138,7 @@ class Trainer:
                 "buffer": self.buffer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "metrics": self.metrics,
+                "params": self.params.model_dump(mode="json"),
             },
         )
         self.last_checkpoint_step = self.step
@@ -134,6 +147,12 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             raise UserError(f"--resume: no checkpoint at {self.checkpoint_path}; start the run without --resume")
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        changed = _changed_fields(state["params"], self.params.model_dump(mode="json"))
+        if changed:
+            raise UserError(
+                f"--resume: params changed since the checkpoint ({'; '.join(changed[:3])}); "
+                "resume with the params the run started with, or start over without --resume"
+            )
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])

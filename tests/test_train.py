@@ -82,6 +82,16 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed.metrics == straight.metrics
 
 
+def test_resume_with_changed_params_is_refused(tmp_path):
+    trainer = make_trainer(make_params(), tmp_path)
+    trainer.save_checkpoint()
+    changed = make_trainer(make_params(tokens=8192), tmp_path)
+    with pytest.raises(
+        UserError, match=r"--resume: params changed since the checkpoint \(train.tokens: 4096 -> 8192\)"
+    ):
+        changed.load_checkpoint()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="--resume: no checkpoint at .*checkpoint.pt; start the run without --resume"):
         make_trainer(make_params(), tmp_path).load_checkpoint()
