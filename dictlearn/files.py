@@ -20,6 +20,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     os.close(handle)
     try:
         write(Path(temp))
+        # mkstemp makes the file owner-only; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
