@@ -36,19 +36,29 @@ class Architecture:
     mlp: str  # MLP module inside a block; its output is hook_mlp_out
     mid_norm: str  # the norm before the MLP; its input is hook_resid_mid (sequential residual only)
     mlp_down: str  # the MLP's output projection; its input is mlp.hook_post
+    mlp_in: tuple[str, ...]  # the MLP's input projections, one output row (or column) per hidden neuron
     final_norm: str  # the norm before the unembedding (used by direct logit attribution)
     parallel_residual_attr: str | None = None  # config flag for GPT-NeoX-style parallel attention + MLP
 
 
-_LLAMA = Architecture("model.layers", "self_attn", "mlp", "post_attention_layernorm", "mlp.down_proj", "model.norm")
+_LLAMA = Architecture(
+    "model.layers",
+    "self_attn",
+    "mlp",
+    "post_attention_layernorm",
+    "mlp.down_proj",
+    ("mlp.gate_proj", "mlp.up_proj"),
+    "model.norm",
+)
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture("transformer.h", "attn", "mlp", "ln_2", "mlp.c_proj", "transformer.ln_f"),
+    "gpt2": Architecture("transformer.h", "attn", "mlp", "ln_2", "mlp.c_proj", ("mlp.c_fc",), "transformer.ln_f"),
     "gpt_neox": Architecture(
         "gpt_neox.layers",
         "attention",
         "mlp",
         "post_attention_layernorm",
         "mlp.dense_4h_to_h",
+        ("mlp.dense_h_to_4h",),
         "gpt_neox.final_layer_norm",
         parallel_residual_attr="use_parallel_residual",
     ),
@@ -147,35 +157,52 @@ def _hidden_states_arg(args, kwargs):
 def capture_activations(
     model: nn.Module, hook: HookPoint, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Run ``model``'s base transformer up to ``hook`` and return the activation there, (B, T, D).
+    """Run ``model``'s base transformer up to ``hook`` and return the activation there, (B, T, D)."""
+    return capture_at_hooks(model, [hook], input_ids, attention_mask)[hook.name]
 
-    The forward is stopped by an exception raised inside the hook, so blocks past the hook and the LM head
-    never run: harvesting costs only the layers it needs.
+
+def capture_at_hooks(
+    model: nn.Module, hooks: list[HookPoint], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Run ``model``'s base transformer until every hook has been reached; hook name -> activation, (B, T, D).
+
+    The forward is stopped by an exception raised inside the last hook reached, so blocks past it and the LM
+    head never run: harvesting costs only the layers it needs.
     """
-    module = model.get_submodule(hook.module_path)
-    captured: list[torch.Tensor] = []
+    captured: dict[str, torch.Tensor] = {}
+    wanted = {hook.name for hook in hooks}
 
-    def on_input(_module, args, kwargs):
-        captured.append(_hidden_states_arg(args, kwargs))
-        raise _StopForward
+    def keep(name: str, value: torch.Tensor) -> None:
+        captured[name] = value
+        if captured.keys() == wanted:
+            raise _StopForward
 
-    def on_output(_module, _args, output):
-        captured.append(_first_tensor(output))
-        raise _StopForward
+    handles = []
+    for hook in hooks:
+        module = model.get_submodule(hook.module_path)
+        if hook.capture == "input":
 
-    if hook.capture == "input":
-        handle = module.register_forward_pre_hook(on_input, with_kwargs=True)
-    else:
-        handle = module.register_forward_hook(on_output)
+            def on_input(_module, args, kwargs, name=hook.name):
+                keep(name, _hidden_states_arg(args, kwargs))
+
+            handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
+        else:
+
+            def on_output(_module, _args, output, name=hook.name):
+                keep(name, _first_tensor(output))
+
+            handles.append(module.register_forward_hook(on_output))
     try:
         model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"hook module {hook.module_path} was not called during the forward")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    missing = [hook.module_path for hook in hooks if hook.name not in captured]
+    if missing:
+        raise RuntimeError(f"hook modules {', '.join(missing)} were not called during the forward")
+    return captured
 
 
 @dataclass

@@ -203,7 +203,9 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 class SparsityParams(Section):
     tokens: PositiveInt = Field(
-        32768, description="Training-text tokens streamed for the sparsity statistics and the neurons' top contexts."
+        32768,
+        description="Training-text tokens (rounded up to whole windows) streamed for the sparsity statistics and "
+        "the neurons' top contexts.",
     )
     eps: float = Field(
         0.1,
