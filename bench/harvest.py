@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,7 +25,7 @@ from dictlearn.harvest import LiveActivations, batched  # noqa: E402
 from dictlearn.models import capture_activations, hook_width  # noqa: E402
 from dictlearn.report import print_table  # noqa: E402
 from dictlearn.store import StoreWriter, write_store  # noqa: E402
-from dictlearn.text import training_windows  # noqa: E402
+from dictlearn.text import first_windows, training_windows  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -36,12 +35,10 @@ def peak_rss_mib() -> float:
 def measure(params_path: str, mode: str, tokens: int) -> dict:
     """One measurement in a fresh process, so peak memory belongs to it alone."""
     params, lm, hook = prepare(params_path)
-    per_window = params.data.context_size - int(params.data.prepend_bos)
-    windows_needed = -(-tokens // per_window)
     source = LiveActivations(
         lm,
         hook,
-        lambda: islice(training_windows(params.data, lm.tokenizer), windows_needed),
+        lambda: first_windows(training_windows(params.data, lm.tokenizer), params.data, tokens),
         params.buffer.model_batch_size,
     )
     loaded_rss = peak_rss_mib()

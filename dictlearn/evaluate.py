@@ -161,14 +161,12 @@ def evaluate_dictionary(lm: LanguageModel, hook: HookPoint, sae: TopKSAE, params
     from itertools import islice
 
     from dictlearn.harvest import LiveActivations, special_token_ids
-    from dictlearn.text import held_out_windows
+    from dictlearn.text import first_windows, held_out_windows
 
-    per_window = params.data.context_size - int(params.data.prepend_bos)
-    windows_needed = -(-params.eval.tokens // per_window)
     source = LiveActivations(
         lm,
         hook,
-        lambda: islice(held_out_windows(params.data, lm.tokenizer), windows_needed),
+        lambda: first_windows(held_out_windows(params.data, lm.tokenizer), params.data, params.eval.tokens),
         params.eval.batch_size,
         params.buffer.exclude_special_tokens,
     )

@@ -17,7 +17,7 @@ def format_bytes(count: int) -> str:
     return f"{count:.1f} GiB"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +33,7 @@ def save_figure(fig, path) -> None:
     from dictlearn.files import atomic_write
 
     atomic_write(Path(path), lambda temp: fig.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _format_token_axes(*axes) -> None:
@@ -47,7 +47,7 @@ def _format_token_axes(*axes) -> None:
 
 def plot_training_curves(metrics: list[dict], folder) -> list[str]:
     """loss.png (FVU and total loss; AuxK beside it) and sparsity.png (L0; dead latents) over training tokens."""
-    plt = _pyplot()
+    plt = pyplot()
     tokens = [m["tokens"] for m in metrics]
     fig, (ax_fvu, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
     ax_fvu.plot(tokens, [m["fvu"] for m in metrics], label="FVU (normalised MSE)")
@@ -79,7 +79,7 @@ def plot_density_histogram(density, folder, title: str = "Feature density on hel
     """density.png: histogram of log10 firing frequency per latent; never-firing latents counted apart."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     density = np.asarray(density, dtype=float)
     alive = density[density > 0]
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -42,7 +42,7 @@ from dictlearn.polysemantic import (
     top_contexts,
 )
 from dictlearn.prune import LayerPruning, PruningResult, params_per_neuron, pruned_neurons
-from dictlearn.text import held_out_windows, training_windows
+from dictlearn.text import first_windows, held_out_windows, training_windows
 
 
 def hoyer_sparsity(acts_RD: Tensor) -> Tensor:
@@ -174,8 +174,8 @@ class SparsityAnalyzer:
     def text_batches(self) -> Iterator[Tensor]:
         """(B, T) batches of training windows holding ``sparsity.tokens`` text tokens."""
         data = self.params.data
-        windows = -(-self.settings.tokens // (data.context_size - int(data.prepend_bos)))
-        for batch in batched(islice(training_windows(data, self.lm.tokenizer), windows), self.settings.batch_size):
+        windows = first_windows(training_windows(data, self.lm.tokenizer), data, self.settings.tokens)
+        for batch in batched(windows, self.settings.batch_size):
             yield torch.tensor(batch, dtype=torch.long)
 
     def as_batches(self, id_list: Iterable) -> Iterator[Tensor]:

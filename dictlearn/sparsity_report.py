@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dictlearn.polysemantic import PolysemanticNeuron
 from dictlearn.prune import PruningResult
-from dictlearn.report import _pyplot, save_figure
+from dictlearn.report import pyplot, save_figure
 from dictlearn.sparsity import ActivationSparsity
 
 
@@ -97,7 +97,7 @@ POLYSEMANTIC_HEADERS = ["neuron", "explained by", "share", "example context (neu
 
 def plot_sparsity_histograms(sparsity: dict[str, ActivationSparsity], threshold: float, folder: Path) -> str:
     """sparsity_histograms.png: one histogram of per-neuron sparsity per hook, the pruning threshold marked."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(6, len(sparsity))
     rows = math.ceil(len(sparsity) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 1.7 * rows), sharex=True, squeeze=False)
@@ -118,7 +118,7 @@ def plot_sparsity_histograms(sparsity: dict[str, ActivationSparsity], threshold:
 
 def plot_pruning_curve(results: list[PruningResult], folder: Path) -> str:
     """pruning_curve.png: held-out LM loss against the share of the model's parameters pruned, per threshold."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     removed = [100 * result.params_removed / result.model_params for result in results]
     ax.plot(removed, [result.loss_after for result in results], marker="o")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 from dictlearn.errors import UserError
@@ -153,6 +154,12 @@ def split_windows(windows: Iterator[list[int]], held_out_every: int, *, held_out
     for index, window in enumerate(windows):
         if (index % held_out_every == held_out_every - 1) == held_out:
             yield window
+
+
+def first_windows(windows: Iterator[list[int]], data: DataParams, tokens: int) -> Iterator[list[int]]:
+    """The leading windows that hold ``tokens`` text tokens, rounded up to a whole window."""
+    per_window = data.context_size - int(data.prepend_bos)
+    return islice(windows, -(-tokens // per_window))
 
 
 def training_windows(data: DataParams, tokenizer) -> Iterator[list[int]]:

@@ -15,7 +15,7 @@ context (before + 1 + after).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from itertools import chain, islice
+from itertools import chain
 from typing import NamedTuple
 
 import torch
@@ -26,7 +26,7 @@ from dictlearn.histogram import DoublingHistogram
 from dictlearn.models import HookPoint, LanguageModel, capture_activations
 from dictlearn.params import DataParams, parse_latent_selection
 from dictlearn.sae import TopKSAE
-from dictlearn.text import iter_documents, iter_windows
+from dictlearn.text import first_windows, iter_documents, iter_windows
 
 # Token id marking a context position beyond its window's edges.
 NO_TOKEN = -1
@@ -111,8 +111,7 @@ class TopContexts:
 def corpus_windows(data: DataParams, tokenizer, tokens: int) -> Iterator[list[int]]:
     """The corpus's windows (training and held-out alike), as many as ``tokens`` text tokens fill; a corpus too
     short for one window is refused before any scan."""
-    per_window = data.context_size - int(data.prepend_bos)
-    windows = islice(iter_windows(iter_documents(data), tokenizer, data), -(-tokens // per_window))
+    windows = first_windows(iter_windows(iter_documents(data), tokenizer, data), data, tokens)
     first = next(windows, None)
     if first is None:
         raise UserError(
@@ -121,13 +120,13 @@ def corpus_windows(data: DataParams, tokenizer, tokens: int) -> Iterator[list[in
     return chain([first], windows)
 
 
-def check_latent_selection(spec: str, num_latents: int) -> None:
-    """Refuse latent ids the dictionary does not have, before any scan."""
+def check_latent_selection(spec: str, num_latents: int, key: str = "interpretation.latents") -> None:
+    """Refuse latent ids the dictionary does not have, before any scan; ``key`` names the params key in the error."""
     selection = parse_latent_selection(spec)
     too_large = [f for f in selection if f >= num_latents] if isinstance(selection, list) else []
     if too_large:
         raise UserError(
-            f"interpretation.latents: latent {too_large[0]} does not exist; this dictionary has latents 0..{num_latents - 1}"
+            f"{key}: latent {too_large[0]} does not exist; this dictionary has latents 0..{num_latents - 1}"
         )
 
 
@@ -153,7 +152,8 @@ def scan(
     top: TopContexts,
     on_batch: Callable[[TopContexts], object] | None = None,
 ) -> TopContexts:
-    """Run each batch of windows to the hook, encode every position, and merge the codes into ``top``."""
+    """Run each batch of windows to the hook, encode every position, and merge the codes into ``top`` (or any
+    object with ``TopContexts.update``'s arguments and ``tokens_seen``, such as ``feature_records.AnalysisPass``)."""
     excluded = special_token_ids(lm.tokenizer)
     for batch in batched(windows, batch_size):
         input_ids_BS = torch.tensor(batch, dtype=torch.long)
