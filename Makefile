@@ -46,6 +46,7 @@ lint: venv
 bench: data
 	$(PY) bench/harvest.py
 	$(PY) bench/train_speed.py
+	$(PY) bench/interpretation.py
 
 clean:
 	rm -rf $(VENV) data/austen data/cache data/activations
