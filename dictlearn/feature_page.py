@@ -1,6 +1,8 @@
 """The latents' HTML page: one self-contained file (data, styles and script inline, nothing fetched) that works
 offline. A searchable, sortable list of latents; for the chosen one its frequency and max, a histogram of its
-activations, and its top contexts with each token shaded by the latent's activation on it."""
+activations, and its top contexts with each token shaded by the latent's activation on it. When a latent's record
+has them (analyze.py's), also its explanation and detection score, the tokens it promotes and suppresses (DLA),
+and contexts sampled at magnitude levels of its max."""
 
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ ol.contexts li { display: flex; gap: 12px; align-items: baseline; padding: 7px 0
 .tok { white-space: pre; border-radius: 2px; }
 .tok.max { outline: 2px solid #b3400a; }
 .empty { color: #888; }
+h3 { margin: 18px 0 4px; font-size: 14px; font-weight: 600; color: #444; }
+.explanation { margin: 0 0 10px; font-size: 15px; }
+.explanation small { color: #666; }
+.dla { margin: 0 0 10px; font-size: 12px; display: grid; grid-template-columns: 80px 1fr; gap: 2px 8px; }
+.dla dt { color: #777; }
+.dla dd { margin: 0; font-family: ui-monospace, "DejaVu Sans Mono", Menlo, monospace; white-space: pre-wrap; }
 """
 
 _SCRIPT = r"""
@@ -59,8 +67,10 @@ const latents = data.latents;
 const byId = new Map(latents.map(l => [l.latent, l]));
 for (const l of latents) {
   const firing = l.contexts.flatMap(c => c.tokens.filter((t, i) => c.acts[i] > 0));
-  l.search = firing.join('\u0001').toLowerCase();
-  l.preview = [...new Set(l.contexts.map(c => c.tokens[c.max_position].trim()))].slice(0, 5).join(' · ');
+  const promoted = l.dla ? l.dla.promoted.map(d => d.token) : [];
+  l.search = [...firing, l.explanation || '', ...promoted].join('\u0001').toLowerCase();
+  l.preview = l.explanation ||
+    [...new Set(l.contexts.map(c => c.tokens[c.max_position].trim()))].slice(0, 5).join(' · ');
 }
 const $ = id => document.getElementById(id);
 const pct = f => f === 0 ? '0%' : (100 * f < 0.01 ? (100 * f).toExponential(1) : (100 * f).toPrecision(3)) + '%';
@@ -135,37 +145,9 @@ function histogram(l) {
   return svg;
 }
 
-function renderDetail(l) {
-  const detail = $('detail');
-  detail.replaceChildren();
-  const title = document.createElement('h2');
-  title.textContent = `Latent ${l.latent}`;
-  const facts = document.createElement('dl'); facts.className = 'facts';
-  for (const [name, value] of [
-    ['frequency', `${pct(l.frequency)} of tokens`],
-    ['tokens fired on', l.fired_tokens.toLocaleString()],
-    ['max activation', num(l.max_activation)],
-    ['contexts', l.contexts.length],
-  ]) {
-    const box = document.createElement('div');
-    const dt = document.createElement('dt'); dt.textContent = name;
-    const dd = document.createElement('dd'); dd.textContent = value;
-    box.append(dt, dd); facts.append(box);
-  }
-  detail.append(title, facts);
-  if (!l.contexts.length) {
-    const p = document.createElement('p'); p.className = 'empty';
-    p.textContent = `Never fired in the ${data.tokens_scanned.toLocaleString()} tokens scanned.`;
-    detail.append(p);
-    return;
-  }
-  detail.append(histogram(l));
-  const legend = document.createElement('div'); legend.className = 'legend';
-  legend.innerHTML = '<span>shading: activation from 0</span><span class="ramp"></span><span></span>';
-  legend.lastChild.textContent = `to ${num(l.max_activation)} (the latent's max); outlined: the context's largest`;
-  detail.append(legend);
+function contextList(contexts, l) {
   const list = document.createElement('ol'); list.className = 'contexts';
-  for (const c of l.contexts) {
+  for (const c of contexts) {
     const item = document.createElement('li');
     const value = document.createElement('span'); value.className = 'value'; value.textContent = num(c.activation);
     const ctx = document.createElement('span'); ctx.className = 'ctx';
@@ -184,7 +166,73 @@ function renderDetail(l) {
     item.append(value, ctx);
     list.append(item);
   }
-  detail.append(list);
+  return list;
+}
+
+function renderAnalysis(l, detail) {
+  if (l.explanation) {
+    const p = document.createElement('p'); p.className = 'explanation';
+    p.textContent = l.explanation;
+    const score = document.createElement('small');
+    score.textContent = l.detection_accuracy === null ? ` (${l.explained_by})` :
+      ` (detection accuracy ${l.detection_accuracy.toFixed(2)} on ${l.detection_contexts} contexts, ${l.explained_by})`;
+    p.append(score); detail.append(p);
+  }
+  if (l.dla) {
+    const dla = document.createElement('dl'); dla.className = 'dla';
+    for (const [name, entries] of [['promotes', l.dla.promoted], ['suppresses', l.dla.suppressed]]) {
+      const dt = document.createElement('dt'); dt.textContent = name;
+      const dd = document.createElement('dd');
+      dd.textContent = entries.map(d => `${JSON.stringify(d.token)} ${num(d.logit)}`).join('   ');
+      dla.append(dt, dd);
+    }
+    detail.append(dla);
+  }
+}
+
+function renderDetail(l) {
+  const detail = $('detail');
+  detail.replaceChildren();
+  const title = document.createElement('h2');
+  title.textContent = `Latent ${l.latent}`;
+  const facts = document.createElement('dl'); facts.className = 'facts';
+  for (const [name, value] of [
+    ['frequency', `${pct(l.frequency)} of tokens`],
+    ['tokens fired on', l.fired_tokens.toLocaleString()],
+    ['max activation', num(l.max_activation)],
+    ...(l.mean_activation === undefined ? [] : [['mean activation', num(l.mean_activation)]]),
+    ['contexts', l.contexts.length],
+  ]) {
+    const box = document.createElement('div');
+    const dt = document.createElement('dt'); dt.textContent = name;
+    const dd = document.createElement('dd'); dd.textContent = value;
+    box.append(dt, dd); facts.append(box);
+  }
+  detail.append(title, facts);
+  renderAnalysis(l, detail);
+  if (!l.contexts.length) {
+    const p = document.createElement('p'); p.className = 'empty';
+    p.textContent = `Never fired in the ${data.tokens_scanned.toLocaleString()} tokens scanned.`;
+    detail.append(p);
+    return;
+  }
+  detail.append(histogram(l));
+  const legend = document.createElement('div'); legend.className = 'legend';
+  legend.innerHTML = '<span>shading: activation from 0</span><span class="ramp"></span><span></span>';
+  legend.lastChild.textContent = `to ${num(l.max_activation)} (the latent's max); outlined: the context's largest`;
+  detail.append(legend);
+  if (l.levels) {
+    const heading = document.createElement('h3'); heading.textContent = 'Top contexts';
+    detail.append(heading);
+  }
+  detail.append(contextList(l.contexts, l));
+  for (const level of [...(l.levels || [])].reverse()) {
+    if (!level.contexts.length) continue;
+    const heading = document.createElement('h3');
+    heading.textContent = `At ${level.low}–${level.high} of the max ` +
+      `(${num(level.low * l.max_activation)} to ${num(level.high * l.max_activation)})`;
+    detail.append(heading, contextList(level.contexts, l));
+  }
 }
 
 function select(id) {
