@@ -163,3 +163,16 @@ def tiny_checkpoint_with_text(tmp_path_factory):
     word_tokenizer().save_pretrained(folder / "model")
     write_corpus(folder / "corpus.txt")
     return folder / "model", folder / "corpus.txt"
+
+
+@pytest.fixture(scope="session")
+def smollm_with_sae():
+    """The embedded SmolLM2 at blocks.6.hook_resid_post with a small random TopK SAE (slow tests only)."""
+    from dictlearn.cli import quiet_transformers
+    from dictlearn.models import load_language_model, resolve_hook
+    from dictlearn.params import ModelParams
+    from dictlearn.sae import TopKSAE
+
+    quiet_transformers()
+    lm = load_language_model(ModelParams(device="cpu"))
+    return lm, resolve_hook(lm.config, "blocks.6.hook_resid_post"), TopKSAE(576, 1152, 16, seed=0)

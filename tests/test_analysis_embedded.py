@@ -6,12 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.cli import quiet_transformers
 from dictlearn.feature_records import AnalysisPass, analysis_records
 from dictlearn.logit_attribution import logit_attribution
-from dictlearn.models import load_language_model, resolve_hook
-from dictlearn.params import AnalysisParams, DataParams, ModelParams
-from dictlearn.sae import TopKSAE
+from dictlearn.params import AnalysisParams, DataParams
 from dictlearn.text import check_source
 from dictlearn.token_display import token_strings
 from dictlearn.top_contexts import corpus_windows, scan
@@ -19,15 +16,8 @@ from dictlearn.top_contexts import corpus_windows, scan
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    quiet_transformers()
-    lm = load_language_model(ModelParams(device="cpu"))
-    return lm, resolve_hook(lm.config, "blocks.6.hook_resid_post"), TopKSAE(576, 1152, 16, seed=0)
-
-
-def test_embedded_dla_reads_the_tied_embedding_through_the_rms_norm_weight(smollm):
-    lm, hook, sae = smollm
+def test_embedded_dla_reads_the_tied_embedding_through_the_rms_norm_weight(smollm_with_sae):
+    lm, hook, sae = smollm_with_sae
     model = lm.model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     dla = logit_attribution(model, hook, sae.W_dec[:64], top=5, vocab_size=len(lm.tokenizer))
@@ -38,8 +28,8 @@ def test_embedded_dla_reads_the_tied_embedding_through_the_rms_norm_weight(smoll
     )
 
 
-def test_embedded_analysis_pass_records_contexts_within_their_levels(smollm):
-    lm, hook, sae = smollm
+def test_embedded_analysis_pass_records_contexts_within_their_levels(smollm_with_sae):
+    lm, hook, sae = smollm_with_sae
     data = DataParams(context_size=64)
     check_source(data)
     settings = AnalysisParams(top_n=3, per_level=2, quiet_windows=2, histogram_bins=16, dla_tokens=3)

@@ -6,10 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.cli import quiet_transformers
-from dictlearn.models import load_language_model, resolve_hook
-from dictlearn.params import DataParams, ModelParams
-from dictlearn.sae import TopKSAE
+from dictlearn.params import DataParams
 from dictlearn.sentences import encode_sentences, tokenize_sentences
 from dictlearn.text import check_source
 from dictlearn.token_display import token_strings
@@ -18,15 +15,8 @@ from dictlearn.top_contexts import TopContexts, corpus_windows, latent_records, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    quiet_transformers()
-    lm = load_language_model(ModelParams(device="cpu"))
-    return lm, resolve_hook(lm.config, "blocks.6.hook_resid_post"), TopKSAE(576, 1152, 16, seed=0)
-
-
-def test_embedded_sentence_code_does_not_depend_on_the_batch(smollm):
-    lm, hook, sae = smollm
+def test_embedded_sentence_code_does_not_depend_on_the_batch(smollm_with_sae):
+    lm, hook, sae = smollm_with_sae
     sentences = ["It rained all day, and the roads were deep in mud on the way to Highbury.", "She smiled."]
     tokens, _ = tokenize_sentences(lm.tokenizer, sentences, 128, prepend_bos=True)
     together = encode_sentences(lm, hook, sae, tokens, batch_size=2, per_token=False)
@@ -35,8 +25,8 @@ def test_embedded_sentence_code_does_not_depend_on_the_batch(smollm):
     assert together.tokens_R.tolist() == [len(tokens[0]) - 1, len(tokens[1]) - 1]
 
 
-def test_embedded_scan_of_austen_windows(smollm):
-    lm, hook, sae = smollm
+def test_embedded_scan_of_austen_windows(smollm_with_sae):
+    lm, hook, sae = smollm_with_sae
     data = DataParams(context_size=64)
     check_source(data)
     top = TopContexts(sae.num_latents, 3, before=6, after=2, histogram_bins=16)
