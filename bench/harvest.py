@@ -2,7 +2,7 @@
 truncated forward (same windows, same batches, nothing kept), their ratio, and peak memory at two token
 counts (memory should be set by buffer and batch sizes, not by tokens written).
 
-    python bench/harvest.py [--params params.json] [--tokens 16384 65536]
+    python bench/harvest.py [--params params.json] [--tokens 163840 327680]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run_child(params_path: str, mode: str, tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.json")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[163840, 327680])
     parser.add_argument("--child", choices=["forward", "harvest"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

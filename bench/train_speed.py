@@ -168,12 +168,12 @@ def main() -> None:
     dead_mask_F = torch.zeros(NUM_LATENTS, dtype=torch.bool)
     dead_mask_F[torch.randperm(NUM_LATENTS)[: int(DEAD_FRACTION * NUM_LATENTS)]] = True
 
-    def step(i: int) -> None:
+    def step(i: int, dead_F: torch.Tensor = dead_mask_F) -> None:
         sae_step(
             sae,
             optimizer,
             batches[i % len(batches)],
-            dead_mask_F,
+            dead_F,
             aux_k=AUX_K,
             aux_coef=AUX_COEF,
             max_grad_norm=MAX_GRAD_NORM,
@@ -189,6 +189,14 @@ def main() -> None:
         step(i)
         step_seconds.append(time.perf_counter() - start)
     matmul_after = matmul_seconds(batches[0], W_FD)
+    # The same workload with no dead latent: AuxK has nothing to do, as for most of a healthy run (the
+    # default run on the embedded model ends with 0 dead latents).
+    none_dead_F = torch.zeros_like(dead_mask_F)
+    quiet_seconds = []
+    for i in range(TIMED_STEPS):
+        start = time.perf_counter()
+        step(i, none_dead_F)
+        quiet_seconds.append(time.perf_counter() - start)
 
     flop = 2 * BATCH_SIZE * D_IN * NUM_LATENTS
     matmul = (matmul_before + matmul_after) / 2
@@ -203,6 +211,11 @@ def main() -> None:
     print(
         f"training: {BATCH_SIZE / mean_step:,.0f} tokens/s over {TIMED_STEPS} steps "
         f"({BATCH_SIZE / median_step:,.0f} at the median step)"
+    )
+    quiet_step = sum(quiet_seconds) / len(quiet_seconds)
+    print(
+        f"training with no dead latents (AuxK idle): {BATCH_SIZE / quiet_step:,.0f} tokens/s "
+        f"({quiet_step * 1e3:.1f} ms/step)"
     )
     print(
         f"step time: mean {mean_step * 1e3:.1f} ms, median {median_step * 1e3:.1f} ms, "
