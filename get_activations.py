@@ -30,6 +30,12 @@ def main() -> None:
     params, lm, hook = prepare(args.params)
     tokens = args.tokens or params.store.tokens
     out = Path(args.out) if args.out else store_path(params, lm, hook)
+    d_in = hook_width(lm.config, hook)
+    identity = harvest_identity(params, hook.name, d_in)
+    existing = ActivationStore(out) if (out / META).is_file() else None
+    if not args.overwrite and existing is not None and existing.holds(identity, tokens):
+        print(f"activation store {out} is up to date ({len(existing):,} tokens); --overwrite harvests again")
+        return
     source = LiveActivations(
         lm,
         hook,
@@ -37,13 +43,6 @@ def main() -> None:
         params.buffer.model_batch_size,
         params.buffer.exclude_special_tokens,
     )
-    d_in = hook_width(lm.config, hook)
-    identity = harvest_identity(params, hook.name, d_in)
-    if not args.overwrite and (out / META).is_file() and ActivationStore(out).holds(identity, tokens):
-        print(
-            f"activation store {out} is up to date ({len(ActivationStore(out)):,} tokens); --overwrite harvests again"
-        )
-        return
     meta = {"model": params.model.name, "hook": hook.name, "d_in": d_in, "context_size": params.data.context_size}
     meta["identity"] = identity
     writer = StoreWriter(out, meta, params.store.shard_tokens, getattr(torch, params.store.dtype))

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
 
-from dictlearn.harvest import batched
+from dictlearn.harvest import LiveActivations, batched
 from dictlearn.models import HookPoint, LanguageModel
 from dictlearn.sae import TopKSAE
+from dictlearn.text import first_windows, held_out_windows
 
 
 @torch.no_grad()
@@ -158,11 +160,6 @@ def spliced_lm_loss(
 
 def evaluate_dictionary(lm: LanguageModel, hook: HookPoint, sae: TopKSAE, params) -> dict:
     """Held-out evaluation as configured by ``params.eval``: reconstruction stats, then the spliced LM loss."""
-    from itertools import islice
-
-    from dictlearn.harvest import LiveActivations, special_token_ids
-    from dictlearn.text import first_windows, held_out_windows
-
     source = LiveActivations(
         lm,
         hook,
@@ -173,6 +170,5 @@ def evaluate_dictionary(lm: LanguageModel, hook: HookPoint, sae: TopKSAE, params
     result = reconstruction_stats(sae, (chunk.acts for chunk in source.iter_chunks()))
     if params.eval.lm_loss_windows:
         windows = islice(held_out_windows(params.data, lm.tokenizer), params.eval.lm_loss_windows)
-        excluded = special_token_ids(lm.tokenizer) if params.buffer.exclude_special_tokens else torch.empty(0)
-        result.update(spliced_lm_loss(lm, hook, sae, windows, params.eval.batch_size, excluded.long()))
+        result.update(spliced_lm_loss(lm, hook, sae, windows, params.eval.batch_size, source.excluded))
     return result

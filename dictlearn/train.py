@@ -162,12 +162,21 @@ class Trainer:
         self.last_checkpoint_step = self.step
 
     def _write_metrics(self) -> None:
+        """Rewrite metrics.jsonl from the records held (at the start of a run, or from a checkpoint's)."""
         lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
         atomic_write(self.folder / METRICS_FILE, lambda temp: temp.write_text(lines))
+
+    def _append_metrics(self, record: dict) -> None:
+        """One line per record, so logging costs the same at step 10 and step 100,000; a line cut short by a
+        kill is dropped when ``fit`` rewrites the file from the checkpoint's records."""
+        self.metrics.append(record)
+        with (self.folder / METRICS_FILE).open("a") as lines:
+            lines.write(json.dumps(record) + "\n")
 
     def fit(self, on_step: Callable[[Trainer, dict], None] = lambda trainer, record: None) -> None:
         """Run until ``train.tokens`` or the end of the data; checkpoints every ``checkpoint_every`` steps."""
         train = self.params.train
+        self._write_metrics()  # fresh, or the records up to the checkpoint being resumed
         while self.step < self.total_steps:
             x_BD = self.buffer.next_batch()
             if x_BD is None:
@@ -208,9 +217,7 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
             if self.step % train.log_every == 0 or self.step == self.total_steps:
-                self.metrics.append(record)
-                self._write_metrics()
+                self._append_metrics(record)
             if self.step % train.checkpoint_every == 0:
                 self.save_checkpoint()
             on_step(self, record)
-        self._write_metrics()
