@@ -21,20 +21,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dictlearn.auto_interp import ChatClient, interpret
+from dictlearn.analysis.auto_interp import ChatClient, interpret
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.dictionary_on_model import open_dictionary
+from dictlearn.analysis.dictionary_on_model import open_dictionary
 from dictlearn.errors import UserError, run_script
-from dictlearn.feature_db import FeatureStore, dictionary_key, open_feature_store, stored_analysis
-from dictlearn.feature_display import latent_report, page_document, search_line
-from dictlearn.feature_page import render_page
-from dictlearn.feature_records import AnalysisPass, RecordScores, analysis_records
+from dictlearn.analysis.feature_db import FeatureStore, dictionary_key, open_feature_store, stored_analysis
+from dictlearn.report.feature_display import latent_report, page_document, search_line
+from dictlearn.report.feature_page import render_page
+from dictlearn.analysis.feature_records import AnalysisPass, RecordScores, analysis_records
 from dictlearn.files import atomic_write, write_json
-from dictlearn.logit_attribution import logit_attribution
+from dictlearn.analysis.logit_attribution import logit_attribution
 from dictlearn.params import AnalysisParams, Params, load_params
-from dictlearn.text import check_source
-from dictlearn.token_display import token_strings
-from dictlearn.top_contexts import check_latent_selection, chosen_latents, corpus_windows, scan
+from dictlearn.lm.text import check_source
+from dictlearn.report.token_display import token_strings
+from dictlearn.analysis.top_contexts import check_latent_selection, chosen_latents, corpus_windows, scan
 
 
 def output_folder(settings: AnalysisParams) -> Path:

@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.dictionary import check_dictionary_matches, load_dictionary
+from dictlearn.formats.run_folder import check_dictionary_matches, load_dictionary
 from dictlearn.errors import run_script
-from dictlearn.evaluate import evaluate_dictionary
+from dictlearn.evaluation.evaluate import evaluate_dictionary
 from dictlearn.files import write_json
-from dictlearn.models import hook_width, load_config, load_language_model, resolve_hook
+from dictlearn.lm.models import hook_width, load_config, load_language_model, resolve_hook
 from dictlearn.params import load_params
-from dictlearn.report import evaluation_rows, plot_density_histogram, print_table
-from dictlearn.text import check_source
+from dictlearn.report.common import evaluation_rows, plot_density_histogram, print_table
+from dictlearn.lm.text import check_source
 
 
 def main() -> None:

@@ -13,11 +13,11 @@ from tqdm import tqdm
 
 from dictlearn.cli import argument_parser, prepare, store_path, threads_from_env
 from dictlearn.errors import run_script
-from dictlearn.harvest import LiveActivations
-from dictlearn.models import hook_width
-from dictlearn.report import format_bytes, print_table
-from dictlearn.store import META, ActivationStore, StoreWriter, harvest_identity, write_store
-from dictlearn.text import training_windows
+from dictlearn.activations.harvest import LiveActivations
+from dictlearn.lm.models import hook_width
+from dictlearn.report.common import format_bytes, print_table
+from dictlearn.activations.store import META, ActivationStore, StoreWriter, harvest_identity, write_store
+from dictlearn.lm.text import training_windows
 
 
 def main() -> None:

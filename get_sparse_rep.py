@@ -10,13 +10,13 @@ the resolved params.json to <dictionary>/sentences/<csv name>/ (sentences.output
 from __future__ import annotations
 
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.code_stats import active_matrix
-from dictlearn.dictionary_on_model import open_dictionary
+from dictlearn.analysis.code_stats import active_matrix
+from dictlearn.analysis.dictionary_on_model import open_dictionary
 from dictlearn.errors import run_script
 from dictlearn.files import atomic_write, write_json
 from dictlearn.params import load_params
-from dictlearn.report import print_table
-from dictlearn.sentence_report import (
+from dictlearn.report.common import print_table
+from dictlearn.report.sentence_report import (
     codes_frame,
     groups_frame,
     heatmap_latents,
@@ -27,7 +27,7 @@ from dictlearn.sentence_report import (
     summary_frame,
     summary_table,
 )
-from dictlearn.sentences import encode_sentences, read_sentences, skipped_note, tokenize_sentences, truncated_note
+from dictlearn.analysis.sentences import encode_sentences, read_sentences, skipped_note, tokenize_sentences, truncated_note
 
 
 def main() -> None:

@@ -19,14 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.dictionary_on_model import open_dictionary
+from dictlearn.analysis.dictionary_on_model import open_dictionary
 from dictlearn.errors import run_script
-from dictlearn.feature_page import render_page
+from dictlearn.report.feature_page import render_page
 from dictlearn.files import atomic_write, write_json
 from dictlearn.params import load_params
-from dictlearn.text import check_source
-from dictlearn.token_display import latent_text, token_strings
-from dictlearn.top_contexts import (
+from dictlearn.lm.text import check_source
+from dictlearn.report.token_display import latent_text, token_strings
+from dictlearn.analysis.top_contexts import (
     TopContexts,
     check_latent_selection,
     chosen_latents,

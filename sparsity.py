@@ -13,14 +13,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.dictionary import write_json
+from dictlearn.formats.run_folder import write_json
 from dictlearn.errors import run_script
-from dictlearn.models import hook_width, load_config, load_language_model
+from dictlearn.lm.models import hook_width, load_config, load_language_model
 from dictlearn.params import load_params
-from dictlearn.polysemantic import load_layer_dictionary
-from dictlearn.report import print_table
-from dictlearn.sparsity import SparsityAnalyzer, resolve_named_hook, sparsity_layers
-from dictlearn.sparsity_report import (
+from dictlearn.analysis.sparsity.polysemantic import load_layer_dictionary
+from dictlearn.report.common import print_table
+from dictlearn.analysis.sparsity.activation_sparsity import SparsityAnalyzer, resolve_named_hook, sparsity_layers
+from dictlearn.report.sparsity_report import (
     POLYSEMANTIC_HEADERS,
     SWEEP_HEADERS,
     as_json,
@@ -32,7 +32,7 @@ from dictlearn.sparsity_report import (
     sparsity_rows,
     sweep_rows,
 )
-from dictlearn.text import check_source
+from dictlearn.lm.text import check_source
 
 # Polysemantic neurons printed (all of them go to sparsity.json).
 SHOWN_NEURONS = 5

@@ -13,15 +13,15 @@ import torch
 from tqdm import tqdm
 
 from dictlearn.cli import argument_parser, keep_freed_memory, prepare, store_path, threads_from_env
-from dictlearn.dictionary import dictionary_config, num_latents_of, run_folder, save_dictionary
+from dictlearn.formats.run_folder import dictionary_config, num_latents_of, run_folder, save_dictionary
 from dictlearn.errors import run_script
-from dictlearn.evaluate import evaluate_dictionary
+from dictlearn.evaluation.evaluate import evaluate_dictionary
 from dictlearn.files import write_json
-from dictlearn.models import hook_width
-from dictlearn.pipeline import training_buffer
-from dictlearn.report import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
-from dictlearn.sae import TopKSAE
-from dictlearn.train import Trainer, default_lr
+from dictlearn.lm.models import hook_width
+from dictlearn.activations.source import training_buffer
+from dictlearn.report.common import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.training.trainer import Trainer, default_lr
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dictlearn.cli import prepare  # noqa: E402
-from dictlearn.harvest import LiveActivations, batched  # noqa: E402
-from dictlearn.models import capture_activations, hook_width  # noqa: E402
-from dictlearn.report import print_table  # noqa: E402
-from dictlearn.store import StoreWriter, write_store  # noqa: E402
-from dictlearn.text import first_windows, training_windows  # noqa: E402
+from dictlearn.activations.harvest import LiveActivations, batched  # noqa: E402
+from dictlearn.lm.models import capture_activations, hook_width  # noqa: E402
+from dictlearn.report.common import print_table  # noqa: E402
+from dictlearn.activations.store import StoreWriter, write_store  # noqa: E402
+from dictlearn.lm.text import first_windows, training_windows  # noqa: E402
 
 
 def peak_rss_mib() -> float:

@@ -24,9 +24,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dictlearn.cli import keep_freed_memory  # noqa: E402
-from dictlearn.losses import auxk_loss, fvu  # noqa: E402
-from dictlearn.sae import TopKSAE, top_k_indices  # noqa: E402
-from dictlearn.step import sae_step  # noqa: E402
+from dictlearn.sae.losses import auxk_loss, fvu  # noqa: E402
+from dictlearn.sae.topk import TopKSAE, top_k_indices  # noqa: E402
+from dictlearn.training.step import sae_step  # noqa: E402
 
 THREADS = 2
 D_IN, NUM_LATENTS, K, AUX_K = 512, 8192, 32, 256

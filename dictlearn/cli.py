@@ -8,9 +8,9 @@ import ctypes
 import os
 from pathlib import Path
 
-from dictlearn.models import HookPoint, LanguageModel, load_config, load_language_model, resolve_hook
+from dictlearn.lm.models import HookPoint, LanguageModel, load_config, load_language_model, resolve_hook
 from dictlearn.params import DEFAULT_PARAMS_PATH, Params, load_params
-from dictlearn.text import check_source
+from dictlearn.lm.text import check_source
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:

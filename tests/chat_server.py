@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from dictlearn.auto_interp import DETECT_SYSTEM, EXPLAIN_SYSTEM
+from dictlearn.analysis.auto_interp import DETECT_SYSTEM, EXPLAIN_SYSTEM
 
 # What a reply function returns: an HTTP status and a JSON body, optionally after a delay in seconds.
 Reply = tuple[int, object] | tuple[int, object, float]

@@ -169,9 +169,9 @@ def tiny_checkpoint_with_text(tmp_path_factory):
 def smollm_with_sae():
     """The embedded SmolLM2 at blocks.6.hook_resid_post with a small random TopK SAE (slow tests only)."""
     from dictlearn.cli import quiet_transformers
-    from dictlearn.models import load_language_model, resolve_hook
+    from dictlearn.lm.models import load_language_model, resolve_hook
     from dictlearn.params import ModelParams
-    from dictlearn.sae import TopKSAE
+    from dictlearn.sae.topk import TopKSAE
 
     quiet_transformers()
     lm = load_language_model(ModelParams(device="cpu"))

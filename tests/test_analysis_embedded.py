@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.feature_records import AnalysisPass, analysis_records
-from dictlearn.logit_attribution import logit_attribution
+from dictlearn.analysis.feature_records import AnalysisPass, analysis_records
+from dictlearn.analysis.logit_attribution import logit_attribution
 from dictlearn.params import AnalysisParams, DataParams
-from dictlearn.text import check_source
-from dictlearn.token_display import token_strings
-from dictlearn.top_contexts import corpus_windows, scan
+from dictlearn.lm.text import check_source
+from dictlearn.report.token_display import token_strings
+from dictlearn.analysis.top_contexts import corpus_windows, scan
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from dictlearn.auto_interp import ChatClient, clean_explanation, interpret, parse_detection
+from dictlearn.analysis.auto_interp import ChatClient, clean_explanation, interpret, parse_detection
 from dictlearn.errors import UserError
 from dictlearn.params import AnalysisParams, AutoInterpParams
 from tests.chat_server import ChatServer, completion, reader_of

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.buffer import ShuffledBuffer
+from dictlearn.activations.buffer import ShuffledBuffer
 from dictlearn.errors import UserError
-from dictlearn.harvest import ActivationChunk
-from dictlearn.store import ActivationStore, StoreWriter, write_store
+from dictlearn.activations.harvest import ActivationChunk
+from dictlearn.activations.store import ActivationStore, StoreWriter, write_store
 
 D = 4
 
@@ -83,7 +83,7 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 
 def test_prefetched_keeps_order_raises_and_stops():
-    from dictlearn.harvest import prefetched
+    from dictlearn.activations.harvest import prefetched
 
     assert list(prefetched(iter(range(100)), depth=3)) == list(range(100))
 

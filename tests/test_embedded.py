@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.harvest import LiveActivations
-from dictlearn.models import capture_activations, load_config, load_language_model, resolve_hook
+from dictlearn.activations.harvest import LiveActivations
+from dictlearn.lm.models import capture_activations, load_config, load_language_model, resolve_hook
 from dictlearn.params import DataParams, ModelParams
-from dictlearn.text import check_source, training_windows
+from dictlearn.lm.text import check_source, training_windows
 
 pytestmark = pytest.mark.slow
 

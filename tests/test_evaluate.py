@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.evaluate import reconstruction_stats, spliced_lm_loss
-from dictlearn.models import LanguageModel, resolve_hook
-from dictlearn.sae import TopKSAE
+from dictlearn.evaluation.evaluate import reconstruction_stats, spliced_lm_loss
+from dictlearn.lm.models import LanguageModel, resolve_hook
+from dictlearn.sae.topk import TopKSAE
 from tests.conftest import tiny_gpt2, tiny_llama
 
 

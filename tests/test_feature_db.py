@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dictlearn.errors import UserError
-from dictlearn.feature_db import MongoStore, SQLiteStore, dictionary_key, open_feature_store
+from dictlearn.analysis.feature_db import MongoStore, SQLiteStore, dictionary_key, open_feature_store
 from dictlearn.params import AnalysisParams
 
 MONGOD = shutil.which("mongod")

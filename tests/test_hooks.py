@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.models import ARCHITECTURES, SITES, capture_activations, hook_width, resolve_hook
+from dictlearn.lm.models import ARCHITECTURES, SITES, capture_activations, hook_width, resolve_hook
 from dictlearn.params import parse_params
 from tests.conftest import tiny_gpt2, tiny_neox
 

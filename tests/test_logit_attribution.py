@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.logit_attribution import logit_attribution
-from dictlearn.models import resolve_hook
+from dictlearn.analysis.logit_attribution import logit_attribution
+from dictlearn.lm.models import resolve_hook
 from tests.conftest import TINY_MODELS
 
 # Per architecture: the final norm, the unembedding written out by hand, and whether the norm is a LayerNorm.

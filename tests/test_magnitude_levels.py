@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.magnitude_levels import NO_WINDOW, MagnitudeLevels
+from dictlearn.analysis.magnitude_levels import NO_WINDOW, MagnitudeLevels
 from tests.test_top_contexts import dense_codes, random_batches
 
 EDGES = [0.1, 0.2, 0.4, 0.7, 1.0]

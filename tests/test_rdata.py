@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dictlearn.rdata import (
+from tools.rdata import (
     RSymbol,
     RVector,
     decompress_blob,

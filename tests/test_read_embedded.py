@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dictlearn.params import DataParams
-from dictlearn.sentences import encode_sentences, tokenize_sentences
-from dictlearn.text import check_source
-from dictlearn.token_display import token_strings
-from dictlearn.top_contexts import TopContexts, corpus_windows, latent_records, scan
+from dictlearn.analysis.sentences import encode_sentences, tokenize_sentences
+from dictlearn.lm.text import check_source
+from dictlearn.report.token_display import token_strings
+from dictlearn.analysis.top_contexts import TopContexts, corpus_windows, latent_records, scan
 
 pytestmark = pytest.mark.slow
 

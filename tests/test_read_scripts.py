@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from dictlearn.sae import TopKSAE
+from dictlearn.sae.topk import TopKSAE
 from tests.test_params import assert_one_line_error
 from tests.test_scripts import run
 from tests.test_sentences import BAD_CSVS

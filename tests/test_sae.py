@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from dictlearn.errors import UserError
-from dictlearn.losses import auxk_loss, fvu
-from dictlearn.sae import TopKSAE, _SelectionPattern, geometric_median, top_k_indices
-from dictlearn.step import sae_step
+from dictlearn.sae.losses import auxk_loss, fvu
+from dictlearn.sae.topk import TopKSAE, _SelectionPattern, geometric_median, top_k_indices
+from dictlearn.training.step import sae_step
 
 
 def _sae(d_in=16, num_latents=64, k=4, dtype=torch.float32):

@@ -105,7 +105,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_checkpo
 
 
 def test_dictionary_of_another_width_is_refused(tmp_path, tiny_checkpoint_with_text):
-    from dictlearn.sae import TopKSAE
+    from dictlearn.sae.topk import TopKSAE
 
     model, corpus = tiny_checkpoint_with_text
     folder = tmp_path / "wrong"

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dictlearn.code_stats import (
+from dictlearn.analysis.code_stats import (
     active_matrix,
     dense_row_stats,
     group_latents,
@@ -17,10 +17,10 @@ from dictlearn.code_stats import (
     top_latents,
 )
 from dictlearn.errors import UserError
-from dictlearn.models import LanguageModel, resolve_hook
-from dictlearn.sae import TopKSAE
-from dictlearn.sentence_report import summary_frame
-from dictlearn.sentences import (
+from dictlearn.lm.models import LanguageModel, resolve_hook
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.report.sentence_report import summary_frame
+from dictlearn.analysis.sentences import (
     encode_sentences,
     mean_over_tokens,
     read_sentences,

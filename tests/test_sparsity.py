@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.models import LanguageModel, capture_activations, resolve_hook
+from dictlearn.lm.models import LanguageModel, capture_activations, resolve_hook
 from dictlearn.params import Params, parse_params
-from dictlearn.polysemantic import Dictionary, LatentExplainer, TopRows
-from dictlearn.prune import params_per_neuron, pruned_neurons
-from dictlearn.sae import TopKSAE
-from dictlearn.sparsity import SparsityAnalyzer, SparsityCounter, hoyer_sparsity
+from dictlearn.analysis.sparsity.polysemantic import Dictionary, LatentExplainer, TopRows
+from dictlearn.analysis.sparsity.prune import params_per_neuron, pruned_neurons
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.analysis.sparsity.activation_sparsity import SparsityAnalyzer, SparsityCounter, hoyer_sparsity
 from tests.conftest import TINY_MODELS, WORDS, tiny_llama, word_tokenizer, write_corpus
 from tests.test_params import assert_one_line_error
 from tests.test_scripts import run
@@ -308,7 +308,7 @@ def test_the_analyzer_on_cuda_in_bfloat16(corpus):
 @pytest.mark.slow
 def test_the_embedded_model():
     """SmolLM2 and, when it has been trained, the default dictionary: the three measurements run end to end."""
-    from dictlearn.models import load_language_model
+    from dictlearn.lm.models import load_language_model
     from dictlearn.params import ModelParams
 
     torch.set_num_threads(2)

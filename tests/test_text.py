@@ -8,7 +8,7 @@ import pytest
 
 from dictlearn.errors import UserError
 from dictlearn.params import DataParams
-from dictlearn.text import check_source, iter_documents, iter_windows, split_windows
+from dictlearn.lm.text import check_source, iter_documents, iter_windows, split_windows
 
 
 def test_windows_start_with_bos_and_join_documents_with_eos(toy_tokenizer):
@@ -48,8 +48,8 @@ def test_missing_column_and_missing_files_are_clear(tmp_path):
 def test_long_documents_are_tokenised_in_pieces_with_the_same_tokens():
     from transformers import AutoTokenizer
 
-    from dictlearn.models import CACHE_DIR
-    from dictlearn.text import paragraph_pieces
+    from dictlearn.lm.models import CACHE_DIR
+    from dictlearn.lm.text import paragraph_pieces
 
     paragraphs = [f"Paragraph {i}: she said, 'It is {i} o\u2019clock.'\n  And then-- nothing." for i in range(400)]
     document = "\n\n".join(paragraphs)

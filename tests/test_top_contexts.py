@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.histogram import DoublingHistogram
+from dictlearn.analysis.histogram import DoublingHistogram
 from dictlearn.params import parse_latent_selection
-from dictlearn.token_display import latent_text, marked_context
-from dictlearn.top_contexts import (
+from dictlearn.report.token_display import latent_text, marked_context
+from dictlearn.analysis.top_contexts import (
     NO_TOKEN,
     TopContexts,
     check_latent_selection,

@@ -5,19 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.buffer import ShuffledBuffer
-from dictlearn.dictionary import (
+from dictlearn.activations.buffer import ShuffledBuffer
+from dictlearn.formats.run_folder import (
     check_dictionary_matches,
     dictionary_config,
     load_dictionary,
     save_dictionary,
 )
 from dictlearn.errors import UserError
-from dictlearn.harvest import ActivationChunk
-from dictlearn.models import HookPoint
+from dictlearn.activations.harvest import ActivationChunk
+from dictlearn.lm.models import HookPoint
 from dictlearn.params import Params
-from dictlearn.sae import TopKSAE
-from dictlearn.train import DeadLatentTracker, Schedule, Trainer, default_lr
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.training.trainer import DeadLatentTracker, Schedule, Trainer, default_lr
 
 D, F, K = 16, 64, 4
 

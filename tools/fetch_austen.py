@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from dictlearn.errors import UserError, run_script  # noqa: E402
-from dictlearn.rdata import read_lazyload_db, text_lines  # noqa: E402
+from tools.rdata import read_lazyload_db, text_lines  # noqa: E402
 
 PACKAGE = "r-cran-janeaustenr"
 RDB_IN_DEB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from dictlearn.harvest import ActivationChunk
+from dictlearn.activations.harvest import ActivationChunk
 
 ChunkSource = Callable[[int], Iterator[ActivationChunk]]  # start chunk -> chunks from there on
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dictlearn.buffer import ShuffledBuffer
+from dictlearn.activations.buffer import ShuffledBuffer
 from dictlearn.errors import UserError
-from dictlearn.harvest import LiveActivations
-from dictlearn.models import HookPoint, LanguageModel, hook_width
+from dictlearn.activations.harvest import LiveActivations
+from dictlearn.lm.models import HookPoint, LanguageModel, hook_width
 from dictlearn.params import Params
-from dictlearn.store import META, ActivationStore, harvest_identity
-from dictlearn.text import training_windows
+from dictlearn.activations.store import META, ActivationStore, harvest_identity
+from dictlearn.lm.text import training_windows
 
 
 def training_buffer(params: Params, lm: LanguageModel, hook: HookPoint, store_folder: Path) -> ShuffledBuffer:

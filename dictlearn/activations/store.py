@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dictlearn.errors import UserError
-from dictlearn.harvest import ActivationChunk
+from dictlearn.activations.harvest import ActivationChunk
 
 META = "meta.json"
 

@@ -10,8 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dictlearn.losses import auxk_loss, fvu
-from dictlearn.sae import TopKSAE
+from dictlearn.sae.losses import auxk_loss, fvu
+from dictlearn.sae.topk import TopKSAE
 
 
 class StepOutput(NamedTuple):

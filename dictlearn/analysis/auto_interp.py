@@ -28,9 +28,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from dictlearn.errors import UserError
-from dictlearn.feature_records import context_view
+from dictlearn.analysis.feature_records import context_view
 from dictlearn.params import AnalysisParams, AutoInterpParams
-from dictlearn.token_display import marked_context
+from dictlearn.report.token_display import marked_context
 
 # Longest explanation kept: a short phrase is asked for; a model that rambles is cut here.
 MAX_EXPLANATION_CHARS = 300

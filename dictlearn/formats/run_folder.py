@@ -12,7 +12,7 @@ import torch
 from dictlearn.errors import UserError
 from dictlearn.files import write_json
 from dictlearn.params import Params
-from dictlearn.sae import TopKSAE
+from dictlearn.sae.topk import TopKSAE
 
 AE_FILE = "ae.pt"
 CONFIG_FILE = "config.json"

@@ -21,12 +21,12 @@ from typing import NamedTuple
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.harvest import batched, special_token_ids
-from dictlearn.histogram import DoublingHistogram
-from dictlearn.models import HookPoint, LanguageModel, capture_activations
+from dictlearn.activations.harvest import batched, special_token_ids
+from dictlearn.analysis.histogram import DoublingHistogram
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_activations
 from dictlearn.params import DataParams, parse_latent_selection
-from dictlearn.sae import TopKSAE
-from dictlearn.text import first_windows, iter_documents, iter_windows
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.lm.text import first_windows, iter_documents, iter_windows
 
 # Token id marking a context position beyond its window's edges.
 NO_TOKEN = -1

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from dictlearn.sae import TopKSAE
+    from dictlearn.sae.topk import TopKSAE
 
 
 def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:

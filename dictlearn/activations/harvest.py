@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from dictlearn.models import HookPoint, LanguageModel, capture_activations
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_activations
 
 
 class ActivationChunk(NamedTuple):

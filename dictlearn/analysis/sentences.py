@@ -15,10 +15,10 @@ from typing import NamedTuple
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.harvest import batched, special_token_ids
-from dictlearn.models import HookPoint, LanguageModel, capture_activations
-from dictlearn.sae import TopKSAE
-from dictlearn.token_display import token_strings
+from dictlearn.activations.harvest import batched, special_token_ids
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_activations
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.report.token_display import token_strings
 
 # Rows listed by number in the note about skipped cells; the count covers the rest.
 _LISTED_ROWS = 10

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from dictlearn.feature_records import context_view
-from dictlearn.token_display import marked_context
+from dictlearn.analysis.feature_records import context_view
+from dictlearn.report.token_display import marked_context
 
 _BARS = "▁▂▃▄▅▆▇█"
 

@@ -16,10 +16,10 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from dictlearn.harvest import LiveActivations, batched
-from dictlearn.models import HookPoint, LanguageModel
-from dictlearn.sae import TopKSAE
-from dictlearn.text import first_windows, held_out_windows
+from dictlearn.activations.harvest import LiveActivations, batched
+from dictlearn.lm.models import HookPoint, LanguageModel
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.lm.text import first_windows, held_out_windows
 
 
 @torch.no_grad()

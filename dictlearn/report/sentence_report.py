@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dictlearn.code_stats import (
+from dictlearn.analysis.code_stats import (
     RowStats,
     Spread,
     dense_row_stats,
@@ -24,8 +24,8 @@ from dictlearn.code_stats import (
     top_latents,
 )
 from dictlearn.params import SentencesParams
-from dictlearn.report import save_figure
-from dictlearn.sentences import SentenceCodes, SentenceTable
+from dictlearn.report.common import save_figure
+from dictlearn.analysis.sentences import SentenceCodes, SentenceTable
 
 # Sentence text is cut to this many characters in printed tables and plot labels (the CSV keeps it whole).
 SHOWN_CHARS = 46

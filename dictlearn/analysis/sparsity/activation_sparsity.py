@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dictlearn.dictionary import write_json
+from dictlearn.formats.run_folder import write_json
 from dictlearn.errors import UserError
-from dictlearn.evaluate import lm_loss
-from dictlearn.harvest import batched, special_token_ids
-from dictlearn.models import HookPoint, LanguageModel, capture_at_hooks, hook_width, resolve_hook
+from dictlearn.evaluation.evaluate import lm_loss
+from dictlearn.activations.harvest import batched, special_token_ids
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks, hook_width, resolve_hook
 from dictlearn.params import Params, SparsityParams
-from dictlearn.polysemantic import (
+from dictlearn.analysis.sparsity.polysemantic import (
     ClusterExplainer,
     Dictionary,
     LatentExplainer,
@@ -41,8 +41,8 @@ from dictlearn.polysemantic import (
     polysemantic_neurons,
     top_contexts,
 )
-from dictlearn.prune import LayerPruning, PruningResult, params_per_neuron, pruned_neurons
-from dictlearn.text import first_windows, held_out_windows, training_windows
+from dictlearn.analysis.sparsity.prune import LayerPruning, PruningResult, params_per_neuron, pruned_neurons
+from dictlearn.lm.text import first_windows, held_out_windows, training_windows
 
 
 def hoyer_sparsity(acts_RD: Tensor) -> Tensor:

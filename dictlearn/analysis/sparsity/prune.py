@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from dictlearn.models import architecture_of
+from dictlearn.lm.models import architecture_of
 
 
 class LayerPruning(NamedTuple):

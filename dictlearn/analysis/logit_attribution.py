@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dictlearn.errors import UserError
-from dictlearn.models import HookPoint, architecture_of
+from dictlearn.lm.models import HookPoint, architecture_of
 
 # Latents per product with W_U: the (C, V) logits of SmolLM2's 49k-token vocabulary take 50 MB.
 _CHUNK = 256

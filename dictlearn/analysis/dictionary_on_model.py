@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from dictlearn.dictionary import check_dictionary_matches, load_dictionary
-from dictlearn.models import HookPoint, LanguageModel, hook_width, load_config, load_language_model, resolve_hook
+from dictlearn.formats.run_folder import check_dictionary_matches, load_dictionary
+from dictlearn.lm.models import HookPoint, LanguageModel, hook_width, load_config, load_language_model, resolve_hook
 from dictlearn.params import Params
-from dictlearn.sae import TopKSAE
+from dictlearn.sae.topk import TopKSAE
 
 
 class DictionaryOnModel(NamedTuple):

@@ -1,7 +1,7 @@
 """The training loop: learning-rate schedule, dead-latent counters, checkpoints and exact resume.
 
 One step (forward, losses, projected gradient, clipping, Adam, decoder renormalisation) is ``sae_step`` in
-``dictlearn.step``; this module owns what happens between steps. A checkpoint holds the weights, the optimizer,
+``dictlearn.training.step``; this module owns what happens between steps. A checkpoint holds the weights, the optimizer,
 the dead-latent counters, the buffer (contents, order, generator, source position) and the metrics, so a run
 killed at any moment and resumed ends with the same weights as one never stopped (on the CPU, same seed).
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from dictlearn.buffer import ShuffledBuffer
+from dictlearn.activations.buffer import ShuffledBuffer
 from dictlearn.errors import UserError
 from dictlearn.files import atomic_write, torch_save
 from dictlearn.params import Params
-from dictlearn.sae import TopKSAE
-from dictlearn.step import sae_step
+from dictlearn.sae.topk import TopKSAE
+from dictlearn.training.step import sae_step
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"

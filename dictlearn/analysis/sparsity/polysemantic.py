@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dictlearn.dictionary import AE_FILE, check_dictionary_matches, load_dictionary
+from dictlearn.formats.run_folder import AE_FILE, check_dictionary_matches, load_dictionary
 from dictlearn.errors import UserError
-from dictlearn.models import HookPoint, LanguageModel, capture_at_hooks, hook_width, resolve_hook
-from dictlearn.sae import TopKSAE
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks, hook_width, resolve_hook
+from dictlearn.sae.topk import TopKSAE
 
 
 class Dictionary(NamedTuple):

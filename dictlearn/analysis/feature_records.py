@@ -21,10 +21,10 @@ from typing import NamedTuple
 
 import torch
 
-from dictlearn.logit_attribution import LogitAttribution
-from dictlearn.magnitude_levels import NO_WINDOW, MagnitudeLevels
+from dictlearn.analysis.logit_attribution import LogitAttribution
+from dictlearn.analysis.magnitude_levels import NO_WINDOW, MagnitudeLevels
 from dictlearn.params import AnalysisParams
-from dictlearn.top_contexts import NO_TOKEN, Context, TopContexts
+from dictlearn.analysis.top_contexts import NO_TOKEN, Context, TopContexts
 
 
 class AnalysisPass:
