@@ -22,19 +22,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dictlearn.analysis.auto_interp import ChatClient, interpret
-from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.analysis.dictionary_on_model import open_dictionary
-from dictlearn.errors import UserError, run_script
 from dictlearn.analysis.feature_db import FeatureStore, dictionary_key, open_feature_store, stored_analysis
+from dictlearn.analysis.feature_records import AnalysisPass, RecordScores, analysis_records
+from dictlearn.analysis.logit_attribution import logit_attribution
+from dictlearn.analysis.top_contexts import check_latent_selection, chosen_latents, corpus_windows, scan
+from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
+from dictlearn.errors import UserError, run_script
+from dictlearn.files import atomic_write, write_json
+from dictlearn.lm.text import check_source
+from dictlearn.params import AnalysisParams, Params, load_params
 from dictlearn.report.feature_display import latent_report, page_document, search_line
 from dictlearn.report.feature_page import render_page
-from dictlearn.analysis.feature_records import AnalysisPass, RecordScores, analysis_records
-from dictlearn.files import atomic_write, write_json
-from dictlearn.analysis.logit_attribution import logit_attribution
-from dictlearn.params import AnalysisParams, Params, load_params
-from dictlearn.lm.text import check_source
 from dictlearn.report.token_display import token_strings
-from dictlearn.analysis.top_contexts import check_latent_selection, chosen_latents, corpus_windows, scan
 
 
 def output_folder(settings: AnalysisParams) -> Path:
@@ -53,6 +53,8 @@ def write_page(store: FeatureStore, key: str, meta: dict, settings: AnalysisPara
 def run(params: Params, settings: AnalysisParams) -> None:
     check_source(params.data)
     opened = open_dictionary(params, settings.dictionary)
+    if opened.note:
+        print(opened.note)
     params = opened.params.with_overrides(analysis=settings.model_dump())
     lm, sae = opened.lm, opened.sae
     store = open_feature_store(settings, create=True)
@@ -74,7 +76,8 @@ def run(params: Params, settings: AnalysisParams) -> None:
         "model": params.model.name,
         "hook": opened.hook.name,
         "num_latents": sae.num_latents,
-        "k": int(sae.k),
+        "architecture": sae.architecture,
+        "k": sae.config().get("k"),
         "tokens_scanned": analysis.tokens_seen,
         "context_size": params.data.context_size,
         "top_n": settings.top_n,

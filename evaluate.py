@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dictlearn.analysis.dictionary_on_model import open_dictionary
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.formats.run_folder import check_dictionary_matches, load_dictionary
 from dictlearn.errors import run_script
 from dictlearn.evaluation.evaluate import evaluate_dictionary
 from dictlearn.files import write_json
-from dictlearn.lm.models import hook_width, load_config, load_language_model, resolve_hook
+from dictlearn.lm.text import check_source
 from dictlearn.params import load_params
 from dictlearn.report.common import evaluation_rows, plot_density_histogram, print_table
-from dictlearn.lm.text import check_source
 
 
 def main() -> None:
@@ -29,18 +28,10 @@ def main() -> None:
     params = load_params(args.params)
     check_source(params.data)
     folder = Path(args.dictionary)
-    sae, config = load_dictionary(folder)
-    trained = config.get("trainer", {})
-    params = params.with_overrides(
-        model={"name": trained.get("lm_name", params.model.name)}, hook=trained.get("submodule_name", params.hook)
-    )
-    hook = resolve_hook(load_config(params.model), params.hook)
-    lm = load_language_model(params.model)
-    check_dictionary_matches(
-        config, sae, model_name=params.model.name, hook_name=hook.name, d_in=hook_width(lm.config, hook)
-    )
-    sae.to(lm.device)
-    result = evaluate_dictionary(lm, hook, sae, params)
+    opened = open_dictionary(params, folder)
+    if opened.note:
+        print(opened.note)
+    result = evaluate_dictionary(opened.lm, opened.hook, opened.sae, opened.params)
     plot_density_histogram(result.pop("density").numpy(), folder)
     write_json(folder / "eval.json", result)
     print_table(evaluation_rows(result), headers=["evaluation", str(folder)])

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dictlearn.activations.harvest import LiveActivations
+from dictlearn.activations.store import META, ActivationStore, StoreWriter, harvest_identity, write_store
 from dictlearn.cli import argument_parser, prepare, store_path, threads_from_env
 from dictlearn.errors import run_script
-from dictlearn.activations.harvest import LiveActivations
 from dictlearn.lm.models import hook_width
-from dictlearn.report.common import format_bytes, print_table
-from dictlearn.activations.store import META, ActivationStore, StoreWriter, harvest_identity, write_store
 from dictlearn.lm.text import training_windows
+from dictlearn.report.common import format_bytes, print_table
 
 
 def main() -> None:

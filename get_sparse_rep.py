@@ -9,9 +9,16 @@ the resolved params.json to <dictionary>/sentences/<csv name>/ (sentences.output
 
 from __future__ import annotations
 
-from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.analysis.code_stats import active_matrix
 from dictlearn.analysis.dictionary_on_model import open_dictionary
+from dictlearn.analysis.sentences import (
+    encode_sentences,
+    read_sentences,
+    skipped_note,
+    tokenize_sentences,
+    truncated_note,
+)
+from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.errors import run_script
 from dictlearn.files import atomic_write, write_json
 from dictlearn.params import load_params
@@ -27,7 +34,6 @@ from dictlearn.report.sentence_report import (
     summary_frame,
     summary_table,
 )
-from dictlearn.analysis.sentences import encode_sentences, read_sentences, skipped_note, tokenize_sentences, truncated_note
 
 
 def main() -> None:
@@ -44,6 +50,8 @@ def main() -> None:
     settings = params.with_overrides(sentences={k: v for k, v in given.items() if v is not None}).sentences
     table = read_sentences(settings.csv, settings.column, settings.group_column)
     opened = open_dictionary(params, settings.dictionary)
+    if opened.note:
+        print(opened.note)
     params = opened.params.with_overrides(sentences=settings.model_dump())
     token_lists, truncated = tokenize_sentences(
         opened.lm.tokenizer, table.sentences, params.data.context_size, params.data.prepend_bos

@@ -18,14 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.analysis.dictionary_on_model import open_dictionary
-from dictlearn.errors import run_script
-from dictlearn.report.feature_page import render_page
-from dictlearn.files import atomic_write, write_json
-from dictlearn.params import load_params
-from dictlearn.lm.text import check_source
-from dictlearn.report.token_display import latent_text, token_strings
 from dictlearn.analysis.top_contexts import (
     TopContexts,
     check_latent_selection,
@@ -34,6 +27,13 @@ from dictlearn.analysis.top_contexts import (
     latent_records,
     scan,
 )
+from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
+from dictlearn.errors import run_script
+from dictlearn.files import atomic_write, write_json
+from dictlearn.lm.text import check_source
+from dictlearn.params import load_params
+from dictlearn.report.feature_page import render_page
+from dictlearn.report.token_display import latent_text, token_strings
 
 
 def main() -> None:
@@ -49,6 +49,8 @@ def main() -> None:
     settings = params.with_overrides(interpretation={k: v for k, v in given.items() if v is not None}).interpretation
     check_source(params.data)
     opened = open_dictionary(params, settings.dictionary)
+    if opened.note:
+        print(opened.note)
     check_latent_selection(settings.latents, opened.sae.num_latents)
     params = opened.params.with_overrides(interpretation=settings.model_dump())
     lm = opened.lm
@@ -74,7 +76,8 @@ def main() -> None:
         "model": params.model.name,
         "hook": opened.hook.name,
         "num_latents": opened.sae.num_latents,
-        "k": int(opened.sae.k),
+        "architecture": opened.sae.architecture,
+        "k": opened.sae.config().get("k"),
         "tokens_scanned": top.tokens_seen,
         "top_n": settings.top_n,
         "context_before": settings.context_before,

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.formats.run_folder import write_json
-from dictlearn.errors import run_script
-from dictlearn.lm.models import hook_width, load_config, load_language_model
-from dictlearn.params import load_params
-from dictlearn.analysis.sparsity.polysemantic import load_layer_dictionary
-from dictlearn.report.common import print_table
 from dictlearn.analysis.sparsity.activation_sparsity import SparsityAnalyzer, resolve_named_hook, sparsity_layers
+from dictlearn.analysis.sparsity.polysemantic import load_layer_dictionary
+from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
+from dictlearn.errors import run_script
+from dictlearn.formats.run_folder import write_json
+from dictlearn.lm.models import hook_width, load_config, load_language_model
+from dictlearn.lm.text import check_source
+from dictlearn.params import load_params
+from dictlearn.report.common import print_table
 from dictlearn.report.sparsity_report import (
     POLYSEMANTIC_HEADERS,
     SWEEP_HEADERS,
@@ -32,7 +33,6 @@ from dictlearn.report.sparsity_report import (
     sparsity_rows,
     sweep_rows,
 )
-from dictlearn.lm.text import check_source
 
 # Polysemantic neurons printed (all of them go to sparsity.json).
 SHOWN_NEURONS = 5
@@ -51,7 +51,7 @@ def main() -> None:
     neuron_hook = resolve_named_hook(config, settings.polysemantic_hook, "sparsity.polysemantic_hook")
     dictionary = None
     if settings.dictionary is not None:
-        dictionary = load_layer_dictionary(settings.dictionary, config, params.model.name, neuron_hook.layer)
+        dictionary = load_layer_dictionary(params, config, neuron_hook.layer)
     lm = load_language_model(params.model)
     analyzer = SparsityAnalyzer(lm, params)
     folder = Path(settings.output_dir.format(model=lm.short_name))

@@ -1,8 +1,8 @@
-"""Train a TopK sparse autoencoder with AuxK (Gao et al. 2024) on activations at the params' hook.
+"""Train a sparse autoencoder of any registered architecture (``sae.architecture``) at the params' hook.
 
     python training_script.py [--params params.json] [--resume]
 
-Writes dictionaries/<model>/<hook>/<num_latents>_k<k>/: ae.pt, config.json, metrics.jsonl, eval.json, plots.
+Writes dictionaries/<model>/<hook>/<run>/: ae.pt, config.json, metrics.jsonl, eval.json, plots.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import time
 import torch
 from tqdm import tqdm
 
+from dictlearn.activations.source import training_buffer
 from dictlearn.cli import argument_parser, keep_freed_memory, prepare, store_path, threads_from_env
-from dictlearn.formats.run_folder import dictionary_config, num_latents_of, run_folder, save_dictionary
 from dictlearn.errors import run_script
 from dictlearn.evaluation.evaluate import evaluate_dictionary
 from dictlearn.files import write_json
+from dictlearn.formats.run_folder import dictionary_config, num_latents_of, run_folder, save_dictionary
 from dictlearn.lm.models import hook_width
-from dictlearn.activations.source import training_buffer
 from dictlearn.report.common import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
-from dictlearn.sae.topk import TopKSAE
-from dictlearn.training.trainer import Trainer, default_lr
+from dictlearn.sae.registry import architecture, build_objective, build_sae
+from dictlearn.training.trainer import Trainer
 
 
 def main() -> None:
@@ -36,11 +36,14 @@ def main() -> None:
     folder = run_folder(params, lm.short_name, hook.name, d_in)
     buffer = training_buffer(params, lm, hook, store_path(params, lm, hook))
     torch.manual_seed(params.train.seed)
-    sae = TopKSAE(d_in, num_latents, params.sae.k, dtype=getattr(torch, params.sae.dtype), device=lm.device)
-    trainer = Trainer(sae, buffer, params, folder, params.train.lr or default_lr(num_latents))
+    sae = build_sae(params.sae, d_in=d_in, d_out=None, num_latents=num_latents, device=lm.device)
+    total_steps = max(1, params.train.tokens // params.buffer.batch_size)
+    objective = build_objective(params.sae, sae, total_steps)
+    lr = params.train.lr or architecture(params.sae.architecture).default_lr(num_latents)
+    trainer = Trainer(sae, objective, buffer, params, folder, lr)
     config = dictionary_config(
         params,
-        d_in=d_in,
+        sae,
         hook=hook,
         lr=trainer.lr,
         steps=trainer.total_steps,
@@ -52,8 +55,10 @@ def main() -> None:
         trainer.load_checkpoint()
         print(f"resuming {folder} at step {trainer.step} of {trainer.total_steps}")
     else:
-        sae.init_b_dec_(buffer.peek(8192).to(lm.device))
-    print(f"training {num_latents} latents (k={params.sae.k}) on {params.model.name} {hook.name} -> {folder}")
+        trainer.initialize()
+    print(
+        f"training a {params.sae.architecture} SAE, {num_latents} latents, on {params.model.name} {hook.name} -> {folder}"
+    )
     start, start_tokens = time.perf_counter(), trainer.tokens
     with tqdm(total=trainer.total_steps * params.buffer.batch_size, initial=trainer.tokens, unit="tok") as bar:
 
@@ -67,6 +72,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     if trainer.step < trainer.total_steps:
         print(f"note: the activations ran out after {trainer.tokens:,} of the {params.train.tokens:,} tokens asked for")
+    trainer.finish()
     save_dictionary(folder, sae, config)
     plot_training_curves(trainer.metrics, folder)
     result = evaluate_dictionary(lm, hook, sae, params)

@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dictlearn.cli import prepare  # noqa: E402
 from dictlearn.activations.harvest import LiveActivations, batched  # noqa: E402
-from dictlearn.lm.models import capture_activations, hook_width  # noqa: E402
-from dictlearn.report.common import print_table  # noqa: E402
 from dictlearn.activations.store import StoreWriter, write_store  # noqa: E402
+from dictlearn.cli import prepare  # noqa: E402
+from dictlearn.lm.models import capture_activations, hook_width  # noqa: E402
 from dictlearn.lm.text import first_windows, training_windows  # noqa: E402
+from dictlearn.report.common import print_table  # noqa: E402
 
 
 def peak_rss_mib() -> float:

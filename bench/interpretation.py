@@ -19,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dictlearn.cli import quiet_transformers, threads_from_env  # noqa: E402
-from dictlearn.analysis.dictionary_on_model import open_dictionary  # noqa: E402
-from dictlearn.errors import run_script  # noqa: E402
 from dictlearn.activations.harvest import batched, special_token_ids  # noqa: E402
+from dictlearn.analysis.dictionary_on_model import open_dictionary  # noqa: E402
+from dictlearn.analysis.top_contexts import TopContexts, corpus_windows, scan  # noqa: E402
+from dictlearn.cli import quiet_transformers, threads_from_env  # noqa: E402
+from dictlearn.errors import run_script  # noqa: E402
 from dictlearn.lm.models import capture_activations  # noqa: E402
 from dictlearn.params import load_params  # noqa: E402
 from dictlearn.report.common import format_bytes, print_table  # noqa: E402
-from dictlearn.analysis.top_contexts import TopContexts, corpus_windows, scan  # noqa: E402
 
 
 def timed(run, device: torch.device) -> float:

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 from dictlearn.lm.models import HookPoint, LanguageModel, load_config, load_language_model, resolve_hook
-from dictlearn.params import DEFAULT_PARAMS_PATH, Params, load_params
 from dictlearn.lm.text import check_source
+from dictlearn.params import DEFAULT_PARAMS_PATH, Params, load_params
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:

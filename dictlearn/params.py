@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from dictlearn.errors import UserError
 
@@ -91,20 +91,134 @@ class StoreParams(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Stored dtype.")
 
 
-class SAEParams(Section):
+class SAECommon(Section):
+    """Fields every architecture has."""
+
     num_latents: PositiveInt | None = Field(None, description="Dictionary size; default expansion_factor * d_in.")
     expansion_factor: PositiveInt = Field(8, description="Latents per input dimension when num_latents is unset.")
-    k: PositiveInt = Field(32, description="Active latents per token (TopK; Gao et al. 2024).")
+    dead_tokens: PositiveInt | None = Field(
+        None,
+        description="A latent is dead after this many tokens without firing; default min(10M, train.tokens / 10) "
+        "so that short runs can find dead latents (Gao et al. 2024 use 10M).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autoencoder parameter dtype.")
+
+
+class TopKFamilyParams(SAECommon):
+    k: PositiveInt = Field(
+        32, description="Active latents per token (Gao et al. 2024; per row on average for BatchTopK)."
+    )
     aux_k: PositiveInt | None = Field(
         None, description="Dead latents used by the AuxK loss; default d_in / 2 (Gao et al. 2024, A.2)."
     )
     aux_coef: float = Field(1 / 32, ge=0, description="AuxK loss coefficient (Gao et al. 2024, A.2: 1/32).")
-    dead_tokens: PositiveInt | None = Field(
+    target_hook: str | None = Field(
         None,
-        description="A latent is dead after this many tokens without firing; default min(10M, train.tokens / 10) "
-        "so that short runs can find dead latents (Gao et al. use 10M).",
+        description="Transcoder: the hook whose activation the decoder reconstructs (e.g. blocks.6.hook_mlp_out "
+        "from hook blocks.6.hook_resid_mid); null for an autoencoder (Paulo et al. 2025).",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autoencoder parameter dtype.")
+    skip_connection: bool = Field(
+        False, description="Transcoder only: add a linear skip path from input to output (sparsify's skip_connection)."
+    )
+
+
+class TopKParams(TopKFamilyParams):
+    architecture: Literal["topk"] = Field("topk", description="TopK (Gao et al. 2024).")
+
+
+class BatchTopKParams(TopKFamilyParams):
+    architecture: Literal["batchtopk"] = Field("batchtopk", description="BatchTopK (Bussmann et al. 2024).")
+    threshold_beta: float = Field(
+        0.999,
+        gt=0,
+        lt=1,
+        description="Decay of the running inference threshold (dictionary_learning's threshold_beta).",
+    )
+    threshold_start_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of steps before the running threshold starts to be estimated."
+    )
+
+
+class MatryoshkaParams(BatchTopKParams):
+    architecture: Literal["matryoshka"] = Field(
+        "matryoshka", description="Matryoshka BatchTopK (Bussmann et al. 2025)."
+    )
+    group_fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = Field(
+        None,
+        description="Sizes of the nested groups as fractions of num_latents, summing to 1; default "
+        "[1/32, 1/16, 1/8, 1/4, 1/2 + 1/32] (dictionary_learning's example).",
+    )
+    group_weights: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Weight of each prefix's reconstruction loss; default 1 each (the losses are summed)."
+    )
+
+
+class ReLUParams(SAECommon):
+    architecture: Literal["relu"] = Field("relu", description="L1 ReLU autoencoder (Bricken et al. 2023).")
+    recipe: Literal["bricken2023", "april2024"] = Field(
+        "bricken2023",
+        description="'bricken2023': unit-norm decoder, L1 on the codes, neuron resampling (Towards Monosemanticity); "
+        "'april2024': L1 weighted by decoder norms, no norm constraint, no resampling (Anthropic's April 2024 update).",
+    )
+    l1_coefficient: float | None = Field(None, gt=0, description="L1 penalty coefficient; default the recipe's.")
+    l1_warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Linear warm-up of the L1 coefficient from 0, as a fraction of steps."
+    )
+    resample_every: PositiveInt | None = Field(
+        None, description="bricken2023: resample dead latents every this many steps; null: never."
+    )
+    resample_rows: PositiveInt = Field(
+        16384, description="Inputs scored for resampling (Bricken et al. score 819,200; scaled down by default)."
+    )
+
+
+class JumpReLUParams(SAECommon):
+    architecture: Literal["jumprelu"] = Field("jumprelu", description="JumpReLU (Rajamanoharan et al. 2024).")
+    l0_coefficient: float | None = Field(None, gt=0, description="L0 penalty coefficient; default the paper's.")
+    bandwidth: float = Field(0.001, gt=0, description="Kernel bandwidth of the threshold's pseudo-gradient.")
+    initial_threshold: float = Field(0.001, gt=0, description="Initial threshold of every latent.")
+    l0_warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Linear warm-up of the L0 coefficient from 0, as a fraction of steps."
+    )
+
+
+class GatedParams(SAECommon):
+    architecture: Literal["gated"] = Field("gated", description="Gated SAE (Rajamanoharan et al. 2024).")
+    l1_coefficient: float | None = Field(None, gt=0, description="L1 penalty on the gate; default the paper's.")
+    l1_warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Linear warm-up of the L1 coefficient from 0, as a fraction of steps."
+    )
+
+
+SAE_PARAMS: dict[str, type[SAECommon]] = {
+    "topk": TopKParams,
+    "batchtopk": BatchTopKParams,
+    "matryoshka": MatryoshkaParams,
+    "relu": ReLUParams,
+    "jumprelu": JumpReLUParams,
+    "gated": GatedParams,
+}
+
+
+def _architecture_tag(value: Any) -> str | None:
+    """The discriminator of ``sae``: its ``architecture`` (default 'topk'); None (refused) when not a name we know."""
+    architecture = value.get("architecture", "topk") if isinstance(value, dict) else value.architecture
+    return architecture if architecture in SAE_PARAMS else None
+
+
+SAEParams = Annotated[
+    Annotated[TopKParams, Tag("topk")]
+    | Annotated[BatchTopKParams, Tag("batchtopk")]
+    | Annotated[MatryoshkaParams, Tag("matryoshka")]
+    | Annotated[ReLUParams, Tag("relu")]
+    | Annotated[JumpReLUParams, Tag("jumprelu")]
+    | Annotated[GatedParams, Tag("gated")],
+    Discriminator(
+        _architecture_tag,
+        custom_error_type="unknown_architecture",
+        custom_error_message=f"expected architecture one of {', '.join(SAE_PARAMS)}",
+    ),
+]
 
 
 class TrainParams(Section):
@@ -124,7 +238,9 @@ class TrainParams(Section):
     checkpoint_every: PositiveInt = Field(50, description="Steps between checkpoints (for --resume).")
     log_every: PositiveInt = Field(5, description="Steps between metrics.jsonl records.")
     output_dir: str = Field("dictionaries", description="Runs go to <output_dir>/<model>/<hook>/<run_name>/.")
-    run_name: str | None = Field(None, description="Run folder name; default '<num_latents>_k<k>'.")
+    run_name: str | None = Field(
+        None, description="Run folder name; default '<architecture>_<num_latents>_<k or penalty>'."
+    )
 
 
 class EvalParams(Section):
@@ -355,7 +471,7 @@ class Params(Section):
     )
     buffer: BufferParams = Field(default_factory=BufferParams, description="The shuffled activation buffer.")
     store: StoreParams = Field(default_factory=StoreParams, description="The on-disk activation store.")
-    sae: SAEParams = Field(default_factory=SAEParams, description="The sparse autoencoder.")
+    sae: SAEParams = Field(default_factory=TopKParams, description="The sparse autoencoder (sae.architecture).")
     train: TrainParams = Field(default_factory=TrainParams, description="The training run.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation on held-out text.")
     sparsity: SparsityParams = Field(default_factory=SparsityParams, description="sparsity.py's analyzer.")
@@ -393,13 +509,21 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """One line for the first problem: where (section.key), what was expected, what was found."""
     first = err.errors()[0]
     loc = tuple(first["loc"])
+    architecture = None
+    if len(loc) > 1 and loc[0] == "sae" and loc[1] in SAE_PARAMS:
+        # pydantic puts the architecture's tag into the path of a tagged union: sae.relu.k -> sae.k
+        architecture, loc = str(loc[1]), (loc[0], *loc[2:])
     where = ".".join(str(p) for p in loc) or "(top level)"
     found = first.get("input")
     if first["type"] == "extra_forbidden":
-        valid = _fields_at(loc)
+        valid = list(SAE_PARAMS[architecture].model_fields) if architecture else _fields_at(loc)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        if architecture:
+            return f"{source}: '{where}' is not a setting of a '{architecture}' SAE; {hint}"
         return f"{source}: unknown key '{where}'; {hint}"
+    if first["type"] == "unknown_architecture":
+        return f"{source}: sae.architecture: expected one of {', '.join(SAE_PARAMS)}; found {json.dumps(found.get('architecture') if isinstance(found, dict) else found)}"
     message = first["msg"].removeprefix("Value error, ")
     found_text = json.dumps(found) if isinstance(found, str | int | float | bool | type(None)) else type(found).__name__
     if "found" in message:

@@ -8,10 +8,10 @@ import torch
 
 from dictlearn.analysis.feature_records import AnalysisPass, analysis_records
 from dictlearn.analysis.logit_attribution import logit_attribution
-from dictlearn.params import AnalysisParams, DataParams
-from dictlearn.lm.text import check_source
-from dictlearn.report.token_display import token_strings
 from dictlearn.analysis.top_contexts import corpus_windows, scan
+from dictlearn.lm.text import check_source
+from dictlearn.params import AnalysisParams, DataParams
+from dictlearn.report.token_display import token_strings
 
 pytestmark = pytest.mark.slow
 

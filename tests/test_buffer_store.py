@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dictlearn.activations.buffer import ShuffledBuffer
-from dictlearn.errors import UserError
 from dictlearn.activations.harvest import ActivationChunk
 from dictlearn.activations.store import ActivationStore, StoreWriter, write_store
+from dictlearn.errors import UserError
 
 D = 4
 

@@ -7,8 +7,8 @@ import torch
 
 from dictlearn.activations.harvest import LiveActivations
 from dictlearn.lm.models import capture_activations, load_config, load_language_model, resolve_hook
-from dictlearn.params import DataParams, ModelParams
 from dictlearn.lm.text import check_source, training_windows
+from dictlearn.params import DataParams, ModelParams
 
 pytestmark = pytest.mark.slow
 

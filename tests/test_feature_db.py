@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from dictlearn.errors import UserError
 from dictlearn.analysis.feature_db import MongoStore, SQLiteStore, dictionary_key, open_feature_store
+from dictlearn.errors import UserError
 from dictlearn.params import AnalysisParams
 
 MONGOD = shutil.which("mongod")

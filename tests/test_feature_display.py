@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
+from dictlearn.analysis.feature_records import context_record, context_view
 from dictlearn.report.feature_display import latent_report, page_document, search_line, sparkline
 from dictlearn.report.feature_page import render_page
-from dictlearn.analysis.feature_records import context_record, context_view
 from tests.test_feature_db import DICTIONARY, META, WINDOWS, sample_records
 from tests.test_feature_page import CHROMIUM
 

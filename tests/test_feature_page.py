@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dictlearn.report.feature_page import render_page
 from dictlearn.analysis.top_contexts import TopContexts, latent_records
+from dictlearn.report.feature_page import render_page
 
 CHROMIUM = Path("/usr/bin/chromium")
 WORDS = [

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.params import DataParams
 from dictlearn.analysis.sentences import encode_sentences, tokenize_sentences
-from dictlearn.lm.text import check_source
-from dictlearn.report.token_display import token_strings
 from dictlearn.analysis.top_contexts import TopContexts, corpus_windows, latent_records, scan
+from dictlearn.lm.text import check_source
+from dictlearn.params import DataParams
+from dictlearn.report.token_display import token_strings
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,20 @@ import torch
 import torch.nn.functional as F
 
 from dictlearn.errors import UserError
+from dictlearn.formats.dictionary_learning import topk_from_state_dict, topk_to_state_dict
+from dictlearn.formats.run_folder import load_dictionary, save_dictionary
+from dictlearn.sae.base import SparseCodes, StepContext
+from dictlearn.sae.kernels import Selection, _SelectionPattern, top_k_indices
 from dictlearn.sae.losses import auxk_loss, fvu
-from dictlearn.sae.topk import TopKSAE, _SelectionPattern, geometric_median, top_k_indices
-from dictlearn.training.step import sae_step
+from dictlearn.sae.topk import TopKObjective, TopKSAE, geometric_median
+from dictlearn.training.step import train_step
+
+
+def sae_step(sae, optimizer, x_BD, dead_mask_F, *, aux_k, aux_coef, max_grad_norm):
+    objective = TopKObjective(aux_k, aux_coef)
+    return train_step(
+        sae, objective, optimizer, x_BD, x_BD, StepContext(0, 1, dead_mask_F), max_grad_norm=max_grad_norm
+    )
 
 
 def _sae(d_in=16, num_latents=64, k=4, dtype=torch.float32):
@@ -69,9 +80,9 @@ def test_forward_equals_decode_of_encode():
     sae = _sae()
     x_BD = torch.randn(32, 16)
     out = sae(x_BD)
-    top_acts_BK, top_indices_BK, _ = sae.encode(x_BD)
-    assert torch.equal(out.x_hat, sae.decode(top_acts_BK, top_indices_BK))
-    assert torch.equal(out.top_indices, top_indices_BK)
+    codes = sae.encode(x_BD)
+    assert torch.equal(out.x_hat, sae.decode(codes))
+    assert torch.equal(out.codes.indices, codes.indices)
 
 
 def test_decoder_rows_unit_norm_after_init_and_after_a_step():
@@ -102,7 +113,7 @@ def test_sparse_backward_matches_dense_autograd(num_dead, aux_k):
     x_BD = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
     dead_mask_F = _dead_mask(64, num_dead)
     out = sae(x_BD)
-    loss = fvu(x_BD, out.x_hat) + 0.5 * auxk_loss(sae, x_BD, out.x_hat, out.pre_acts, dead_mask_F, aux_k)
+    loss = fvu(x_BD, out.x_hat) + 0.5 * auxk_loss(sae, x_BD, x_BD, out.x_hat, out.codes.pre_acts, dead_mask_F, aux_k)
     tensors = [x_BD, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     sparse_grads = torch.autograd.grad(loss, tensors)
     ref_fvu, ref_aux = _dense_reference_losses(sae, x_BD, dead_mask_F, aux_k)
@@ -125,8 +136,8 @@ def test_gather_and_decode_backward_match_dense_for_both_layouts(num_candidates)
     tensors = [x_BD, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
 
     assert _SelectionPattern(indices_BK, 64).dense == (num_candidates == 6)
-    acts_BK = sae.gather_pre_acts(x_BD, pre_acts_BF, indices_BK)
-    loss = (acts_BK * weights_BK).sum() + (sae.decode(acts_BK, indices_BK) * weights_BD).sum()
+    acts_BK = sae.gather(x_BD, pre_acts_BF, Selection(indices_BK, 64))
+    loss = (acts_BK * weights_BK).sum() + (sae.decode(SparseCodes(acts_BK, indices_BK, None)) * weights_BD).sum()
     sparse_grads = torch.autograd.grad(loss, tensors)
 
     dense_pre_acts_BF = (x_BD - sae.b_dec) @ sae.W_enc.T + sae.b_enc
@@ -142,16 +153,16 @@ def test_auxk_loss_is_zero_without_dead_latents_and_positive_with_them():
     sae = _sae()
     x_BD = torch.randn(32, 16)
     out = sae(x_BD)
-    none_dead = auxk_loss(sae, x_BD, out.x_hat, out.pre_acts, torch.zeros(64, dtype=torch.bool), 8)
+    none_dead = auxk_loss(sae, x_BD, x_BD, out.x_hat, out.codes.pre_acts, torch.zeros(64, dtype=torch.bool), 8)
     assert none_dead.item() == 0.0
     (fvu(x_BD, out.x_hat) + none_dead).backward()  # the zero adds to a differentiable loss
-    some_dead = auxk_loss(sae, x_BD, out.x_hat, out.pre_acts, _dead_mask(64, 16), 8)
+    some_dead = auxk_loss(sae, x_BD, x_BD, out.x_hat, out.codes.pre_acts, _dead_mask(64, 16), 8)
     assert some_dead.item() > 0.0
 
 
 def test_dictionary_learning_state_dict_keys_shapes_and_round_trip(tmp_path):
     sae = _sae(d_in=16, num_latents=64, k=4)
-    state_dict = sae.to_dictionary_learning_state_dict()
+    state_dict = topk_to_state_dict(sae)
     shapes = {key: list(value.shape) for key, value in state_dict.items()}
     assert shapes == {
         "encoder.weight": [64, 16],
@@ -165,12 +176,12 @@ def test_dictionary_learning_state_dict_keys_shapes_and_round_trip(tmp_path):
     assert state_dict["threshold"].item() == -1.0
     assert torch.equal(state_dict["decoder.weight"], sae.W_dec.detach().T)
 
-    sae.save(tmp_path / "ae.pt")
-    assert [p.name for p in tmp_path.iterdir()] == ["ae.pt"]
-    loaded = TopKSAE.load(tmp_path / "ae.pt")
+    save_dictionary(tmp_path, sae, {"trainer": {"dict_class": "AutoEncoderTopK"}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae.pt", "config.json"]
+    loaded, _ = load_dictionary(tmp_path)
     x_BD = torch.randn(32, 16)
-    for a, b in zip(sae(x_BD), loaded(x_BD)):
-        assert torch.equal(a, b)
+    a, b = sae(x_BD), loaded(x_BD)
+    assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.codes.values, b.codes.values)
 
 
 def test_mismatched_state_dict_and_missing_file_are_user_errors(tmp_path):
@@ -181,27 +192,28 @@ def test_mismatched_state_dict_and_missing_file_are_user_errors(tmp_path):
         "decoder.weight": torch.zeros(16, 64),
     }
     with pytest.raises(UserError, match=r"not a dictionary_learning AutoEncoderTopK state dict: expected keys "):
-        TopKSAE.from_dictionary_learning_state_dict(relu_autoencoder)
+        topk_from_state_dict(relu_autoencoder, {})
     with pytest.raises(UserError, match=r"found \['bias', 'decoder.weight', 'encoder.bias', 'encoder.weight'\]"):
-        TopKSAE.from_dictionary_learning_state_dict(relu_autoencoder)
+        topk_from_state_dict(relu_autoencoder, {})
 
-    state_dict = _sae().to_dictionary_learning_state_dict()
+    state_dict = topk_to_state_dict(_sae())
     state_dict["decoder.weight"] = torch.zeros(64, 16)
     with pytest.raises(UserError, match=r"decoder.weight should have shape \[16, 64\] .* found \[64, 16\]"):
-        TopKSAE.from_dictionary_learning_state_dict(state_dict)
+        topk_from_state_dict(state_dict, {})
 
     backup = {"step": 10, "ae": state_dict, "optimizer": {}, "config": {}}
     with pytest.raises(UserError, match=r"found \['ae', 'config', 'optimizer', 'step'\] \(a mid-training backup"):
-        TopKSAE.from_dictionary_learning_state_dict(backup)
+        topk_from_state_dict(backup, {})
 
-    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match=r"cannot read dictionary file .*garbage\.pt"):
-        TopKSAE.load(tmp_path / "garbage.pt")
+    (tmp_path / "ae.pt").write_bytes(b"not a torch file")
+    (tmp_path / "config.json").write_text('{"trainer": {"dict_class": "AutoEncoderTopK"}}')
+    with pytest.raises(UserError, match=r"cannot read dictionary file .*ae\.pt: not a state dict"):
+        load_dictionary(tmp_path)
 
-    with pytest.raises(UserError, match=r"no dictionary file at .*missing\.pt"):
-        TopKSAE.load(tmp_path / "missing.pt")
-    with pytest.raises(UserError, match=r"cannot save dictionary to .*ae\.pt: folder .*absent does not exist"):
-        _sae().save(tmp_path / "absent" / "ae.pt")
+    with pytest.raises(UserError, match=r"no dictionary at .*missing: ae\.pt is missing"):
+        load_dictionary(tmp_path / "missing")
+    with pytest.raises(UserError, match=r"cannot save dictionary to .*absent: the folder does not exist"):
+        save_dictionary(tmp_path / "absent", _sae(), {})
 
 
 def test_geometric_median_resists_an_outlier():
@@ -235,6 +247,6 @@ def test_training_recovers_planted_dictionary():
     never_dead_F = torch.zeros(2 * num_true, dtype=torch.bool)
     for _ in range(200):
         out = sae_step(sae, optimizer, batch(), never_dead_F, aux_k=16, aux_coef=1 / 32, max_grad_norm=1.0)
-    assert out.fvu < 0.1
+    assert out.terms["fvu"] < 0.1
     best_cosine_T = (true_TD @ sae.W_dec.detach().T).max(1).values
     assert (best_cosine_T > 0.9).float().mean() >= 0.9

@@ -16,10 +16,6 @@ from dictlearn.analysis.code_stats import (
     spread,
     top_latents,
 )
-from dictlearn.errors import UserError
-from dictlearn.lm.models import LanguageModel, resolve_hook
-from dictlearn.sae.topk import TopKSAE
-from dictlearn.report.sentence_report import summary_frame
 from dictlearn.analysis.sentences import (
     encode_sentences,
     mean_over_tokens,
@@ -28,6 +24,10 @@ from dictlearn.analysis.sentences import (
     tokenize_sentences,
     truncated_note,
 )
+from dictlearn.errors import UserError
+from dictlearn.lm.models import LanguageModel, resolve_hook
+from dictlearn.report.sentence_report import summary_frame
+from dictlearn.sae.topk import TopKSAE
 from tests.conftest import TINY_MODELS, word_tokenizer
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from dictlearn.errors import UserError
-from dictlearn.params import DataParams
 from dictlearn.lm.text import check_source, iter_documents, iter_windows, split_windows
+from dictlearn.params import DataParams
 
 
 def test_windows_start_with_bos_and_join_documents_with_eos(toy_tokenizer):

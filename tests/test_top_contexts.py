@@ -6,10 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictlearn.errors import UserError
 from dictlearn.analysis.histogram import DoublingHistogram
-from dictlearn.params import parse_latent_selection
-from dictlearn.report.token_display import latent_text, marked_context
 from dictlearn.analysis.top_contexts import (
     NO_TOKEN,
     TopContexts,
@@ -17,6 +14,9 @@ from dictlearn.analysis.top_contexts import (
     chosen_latents,
     latent_records,
 )
+from dictlearn.errors import UserError
+from dictlearn.params import parse_latent_selection
+from dictlearn.report.token_display import latent_text, marked_context
 
 
 def random_batches(num_batches=7, batch=5, seq=12, num_latents=40, k=3, seed=0):

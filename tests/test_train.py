@@ -6,18 +6,20 @@ import pytest
 import torch
 
 from dictlearn.activations.buffer import ShuffledBuffer
+from dictlearn.activations.harvest import ActivationChunk
+from dictlearn.errors import UserError
 from dictlearn.formats.run_folder import (
     check_dictionary_matches,
     dictionary_config,
     load_dictionary,
     save_dictionary,
 )
-from dictlearn.errors import UserError
-from dictlearn.activations.harvest import ActivationChunk
 from dictlearn.lm.models import HookPoint
 from dictlearn.params import Params
-from dictlearn.sae.topk import TopKSAE
-from dictlearn.training.trainer import DeadLatentTracker, Schedule, Trainer, default_lr
+from dictlearn.sae.base import SparseCodes
+from dictlearn.sae.registry import default_lr
+from dictlearn.sae.topk import TopKObjective, TopKSAE
+from dictlearn.training.trainer import DeadLatentTracker, Schedule, Trainer
 
 D, F, K = 16, 64, 4
 
@@ -50,7 +52,7 @@ def make_trainer(params: Params, folder, poison: bool = False) -> Trainer:
     torch.manual_seed(params.train.seed)
     sae = TopKSAE(D, F, K)
     buffer = ShuffledBuffer(synthetic_source(poison=poison), d_in=D, size=1024, batch_size=128, seed=params.train.seed)
-    return Trainer(sae, buffer, params, folder, lr=1e-3)
+    return Trainer(sae, TopKObjective(8, 1 / 32), buffer, params, folder, lr=1e-3)
 
 
 class Killed(Exception):
@@ -117,9 +119,9 @@ def test_default_lr_scales_with_inverse_sqrt_latents():
 
 def test_dead_latent_tracker_counts_tokens_since_firing():
     tracker = DeadLatentTracker(num_latents=4, dead_tokens=5)
-    tracker.update(torch.tensor([[0, 1], [0, 2]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    tracker.update(SparseCodes(torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.tensor([[0, 1], [0, 2]]), None))
     assert tracker.tokens_since_fired_F.tolist() == [0, 0, 2, 2]  # latent 2 was chosen with value 0: not fired
-    tracker.update(torch.tensor([[0, 1]] * 3), torch.ones(3, 2))
+    tracker.update(SparseCodes(torch.ones(3, 2), torch.tensor([[0, 1]] * 3), None))
     assert tracker.dead_mask().tolist() == [False, False, True, True]
 
 
@@ -127,9 +129,7 @@ def test_dictionary_folder_round_trip_and_mismatch_messages(tmp_path):
     params = make_params()
     sae = TopKSAE(D, F, K)
     hook = HookPoint("blocks.1.hook_resid_post", 1, "hook_resid_post", "model.layers.1", "output")
-    config = dictionary_config(
-        params, d_in=D, hook=hook, lr=1e-3, steps=10, warmup_steps=1, decay_start=8, device="cpu"
-    )
+    config = dictionary_config(params, sae, hook=hook, lr=1e-3, steps=10, warmup_steps=1, decay_start=8, device="cpu")
     save_dictionary(tmp_path, sae, config)
     loaded, loaded_config = load_dictionary(tmp_path)
     x = torch.randn(5, D)

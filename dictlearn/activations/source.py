@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from dictlearn.activations.buffer import ShuffledBuffer
-from dictlearn.errors import UserError
 from dictlearn.activations.harvest import LiveActivations
-from dictlearn.lm.models import HookPoint, LanguageModel, hook_width
-from dictlearn.params import Params
 from dictlearn.activations.store import META, ActivationStore, harvest_identity
+from dictlearn.errors import UserError
+from dictlearn.lm.models import HookPoint, LanguageModel, hook_width
 from dictlearn.lm.text import training_windows
+from dictlearn.params import Params
 
 
 def training_buffer(params: Params, lm: LanguageModel, hook: HookPoint, store_folder: Path) -> ShuffledBuffer:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dictlearn.errors import UserError
 from dictlearn.activations.harvest import ActivationChunk
+from dictlearn.errors import UserError
 
 META = "meta.json"
 

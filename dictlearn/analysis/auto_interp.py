@@ -27,8 +27,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import NamedTuple
 
-from dictlearn.errors import UserError
 from dictlearn.analysis.feature_records import context_view
+from dictlearn.errors import UserError
 from dictlearn.params import AnalysisParams, AutoInterpParams
 from dictlearn.report.token_display import marked_context
 

@@ -23,8 +23,8 @@ import torch
 
 from dictlearn.analysis.logit_attribution import LogitAttribution
 from dictlearn.analysis.magnitude_levels import NO_WINDOW, MagnitudeLevels
-from dictlearn.params import AnalysisParams
 from dictlearn.analysis.top_contexts import NO_TOKEN, Context, TopContexts
+from dictlearn.params import AnalysisParams
 
 
 class AnalysisPass:

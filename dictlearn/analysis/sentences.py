@@ -14,11 +14,11 @@ from typing import NamedTuple
 
 import torch
 
-from dictlearn.errors import UserError
 from dictlearn.activations.harvest import batched, special_token_ids
+from dictlearn.errors import UserError
 from dictlearn.lm.models import HookPoint, LanguageModel, capture_activations
-from dictlearn.sae.topk import TopKSAE
 from dictlearn.report.token_display import token_strings
+from dictlearn.sae.base import SparseAutoencoder
 
 # Rows listed by number in the note about skipped cells; the count covers the rest.
 _LISTED_ROWS = 10
@@ -150,7 +150,12 @@ def _hook_batches(
 
 
 def encode_sentences(
-    lm: LanguageModel, hook: HookPoint, sae: TopKSAE, token_lists: list[list[int]], batch_size: int, per_token: bool
+    lm: LanguageModel,
+    hook: HookPoint,
+    sae: SparseAutoencoder,
+    token_lists: list[list[int]],
+    batch_size: int,
+    per_token: bool,
 ) -> SentenceCodes:
     """Activations at the hook for every sentence (averaged, or one row per text token) and their sparse codes."""
     parts = []

@@ -20,13 +20,13 @@ from typing import NamedTuple
 
 import torch
 
-from dictlearn.errors import UserError
 from dictlearn.activations.harvest import batched, special_token_ids
 from dictlearn.analysis.histogram import DoublingHistogram
+from dictlearn.errors import UserError
 from dictlearn.lm.models import HookPoint, LanguageModel, capture_activations
-from dictlearn.params import DataParams, parse_latent_selection
-from dictlearn.sae.topk import TopKSAE
 from dictlearn.lm.text import first_windows, iter_documents, iter_windows
+from dictlearn.params import DataParams, parse_latent_selection
+from dictlearn.sae.base import SparseAutoencoder
 
 # Token id marking a context position beyond its window's edges.
 NO_TOKEN = -1
@@ -146,7 +146,7 @@ def chosen_latents(spec: str, top: TopContexts) -> list[int]:
 def scan(
     lm: LanguageModel,
     hook: HookPoint,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     windows: Iterable[list[int]],
     batch_size: int,
     top: TopContexts,
@@ -163,8 +163,8 @@ def scan(
         shape_BSK = (*input_ids_BS.shape, -1)
         top.update(
             input_ids_BS,
-            codes.top_acts.view(shape_BSK),
-            codes.top_indices.view(shape_BSK),
+            codes.values.view(shape_BSK),
+            codes.indices.view(shape_BSK),
             ~torch.isin(input_ids_BS, excluded),
         )
         if on_batch is not None:

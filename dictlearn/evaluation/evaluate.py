@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 from dictlearn.activations.harvest import LiveActivations, batched
 from dictlearn.lm.models import HookPoint, LanguageModel
-from dictlearn.sae.topk import TopKSAE
 from dictlearn.lm.text import first_windows, held_out_windows
+from dictlearn.sae.base import SparseAutoencoder
 
 
 @torch.no_grad()
-def reconstruction_stats(sae: TopKSAE, batches: Iterable[torch.Tensor]) -> dict:
+def reconstruction_stats(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict:
     """FVU over all rows (error energy / energy about the mean), mean L0, dead fraction, per-latent density."""
     rows = 0
     sum_D = sq_sum = err_sum = l0_sum = 0.0
@@ -34,9 +34,9 @@ def reconstruction_stats(sae: TopKSAE, batches: Iterable[torch.Tensor]) -> dict:
         err_sum += float((x_BD - out.x_hat).pow(2).sum())
         sum_D = sum_D + x_BD.double().sum(0)
         sq_sum += float(x_BD.double().pow(2).sum())
-        active_BK = out.top_acts > 0
+        active_BK = out.codes.values > 0
         l0_sum += float(active_BK.sum())
-        fired_F += torch.bincount(out.top_indices[active_BK].cpu(), minlength=sae.num_latents)
+        fired_F += torch.bincount(out.codes.indices[active_BK].cpu(), minlength=sae.num_latents)
         rows += len(x_BD)
     if rows == 0:
         raise ValueError("no evaluation rows")
@@ -109,7 +109,7 @@ def lm_loss(
     return total / count, count
 
 
-def _reconstruct_at(sae: TopKSAE, text_BT: torch.Tensor):
+def _reconstruct_at(sae: SparseAutoencoder, text_BT: torch.Tensor):
     """Replace the activation at text positions by the SAE's reconstruction of it."""
 
     def replace(acts_BTD: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,12 @@ def _zero_at(text_BT: torch.Tensor):
 
 @torch.no_grad()
 def spliced_lm_loss(
-    lm: LanguageModel, hook: HookPoint, sae: TopKSAE, windows: Iterator[list[int]], batch_size: int, excluded_ids
+    lm: LanguageModel,
+    hook: HookPoint,
+    sae: SparseAutoencoder,
+    windows: Iterator[list[int]],
+    batch_size: int,
+    excluded_ids,
 ) -> dict:
     """LM loss clean, with the SAE reconstruction spliced in at ``hook``, and with the activation zeroed."""
     totals = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0}
@@ -158,7 +163,7 @@ def spliced_lm_loss(
     return losses
 
 
-def evaluate_dictionary(lm: LanguageModel, hook: HookPoint, sae: TopKSAE, params) -> dict:
+def evaluate_dictionary(lm: LanguageModel, hook: HookPoint, sae: SparseAutoencoder, params) -> dict:
     """Held-out evaluation as configured by ``params.eval``: reconstruction stats, then the spliced LM loss."""
     source = LiveActivations(
         lm,

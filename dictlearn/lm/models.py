@@ -276,6 +276,16 @@ def embedded_model_folder() -> Path:
     return folder
 
 
+# The hub name of the embedded model (shared/ASSETS.md): dictionaries of either name fit both.
+EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names denote one model: equal, or the embedded model under its two names."""
+    embedded = {EMBEDDED_MODEL.lower(), EMBEDDED_HUB_NAME.lower()}
+    return a == b or {a.lower(), b.lower()} <= embedded
+
+
 def model_source(name: str) -> str:
     """Where ``from_pretrained`` should look: the embedded cache, a local folder, or the hub name."""
     if name == EMBEDDED_MODEL:

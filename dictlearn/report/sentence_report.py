@@ -23,9 +23,9 @@ from dictlearn.analysis.code_stats import (
     spread,
     top_latents,
 )
+from dictlearn.analysis.sentences import SentenceCodes, SentenceTable
 from dictlearn.params import SentencesParams
 from dictlearn.report.common import save_figure
-from dictlearn.analysis.sentences import SentenceCodes, SentenceTable
 
 # Sentence text is cut to this many characters in printed tables and plot labels (the CSV keeps it whole).
 SHOWN_CHARS = 46

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from dictlearn.analysis.sparsity.activation_sparsity import ActivationSparsity
 from dictlearn.analysis.sparsity.polysemantic import PolysemanticNeuron
 from dictlearn.analysis.sparsity.prune import PruningResult
 from dictlearn.report.common import pyplot, save_figure
-from dictlearn.analysis.sparsity.activation_sparsity import ActivationSparsity
 
 
 def as_json(value):

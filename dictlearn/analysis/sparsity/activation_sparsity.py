@@ -26,12 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dictlearn.formats.run_folder import write_json
-from dictlearn.errors import UserError
-from dictlearn.evaluation.evaluate import lm_loss
 from dictlearn.activations.harvest import batched, special_token_ids
-from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks, hook_width, resolve_hook
-from dictlearn.params import Params, SparsityParams
 from dictlearn.analysis.sparsity.polysemantic import (
     ClusterExplainer,
     Dictionary,
@@ -42,7 +37,12 @@ from dictlearn.analysis.sparsity.polysemantic import (
     top_contexts,
 )
 from dictlearn.analysis.sparsity.prune import LayerPruning, PruningResult, params_per_neuron, pruned_neurons
+from dictlearn.errors import UserError
+from dictlearn.evaluation.evaluate import lm_loss
+from dictlearn.formats.run_folder import write_json
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks, hook_width, resolve_hook
 from dictlearn.lm.text import first_windows, held_out_windows, training_windows
+from dictlearn.params import Params, SparsityParams
 
 
 def hoyer_sparsity(acts_RD: Tensor) -> Tensor:
@@ -287,9 +287,7 @@ class SparsityAnalyzer:
         settings = self.settings
         neuron_hook = self.hook(hook or settings.polysemantic_hook, "sparsity.polysemantic_hook")
         if dictionary is None and settings.dictionary is not None:
-            dictionary = load_layer_dictionary(
-                settings.dictionary, self.lm.config, self.params.model.name, neuron_hook.layer
-            )
+            dictionary = load_layer_dictionary(self.params, self.lm.config, neuron_hook.layer)
         if dictionary is not None:
             explainer = LatentExplainer(dictionary.sae.to(self.lm.device), settings.min_share, settings.min_lift)
             explain_hook = dictionary.hook

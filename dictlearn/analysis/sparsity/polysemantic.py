@@ -31,14 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dictlearn.formats.run_folder import AE_FILE, check_dictionary_matches, load_dictionary
+from dictlearn.analysis.dictionary_on_model import dictionary_at_hook
 from dictlearn.errors import UserError
-from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks, hook_width, resolve_hook
-from dictlearn.sae.topk import TopKSAE
+from dictlearn.formats.run_folder import AE_FILE
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks
+from dictlearn.params import Params
+from dictlearn.sae.base import SparseAutoencoder
 
 
 class Dictionary(NamedTuple):
-    sae: TopKSAE  # on the model's device
+    sae: SparseAutoencoder  # on the model's device
     hook: HookPoint  # where it was trained
 
 
@@ -56,28 +58,27 @@ class PolysemanticNeuron(NamedTuple):
     groups: list[ContextGroup]
 
 
-def load_layer_dictionary(folder: str | Path, config, model_name: str, layer: int) -> Dictionary:
-    """The dictionary in ``folder``, refused unless it was trained on this model at a hook of ``layer``."""
-    folder = Path(folder)
+def load_layer_dictionary(params: Params, config, layer: int) -> Dictionary:
+    """``sparsity.dictionary``, opened as every script opens a dictionary, and refused unless it was trained on
+    a hook of ``layer``."""
+    folder = Path(params.sparsity.dictionary)
     if not (folder / AE_FILE).is_file():
         raise UserError(
             f"sparsity.dictionary: no dictionary at {folder} ({AE_FILE} missing); train one with training_script.py, "
             "or set sparsity.dictionary to null to cluster residual vectors instead"
         )
-    sae, dictionary_config = load_dictionary(folder)
-    trained_hook = dictionary_config.get("trainer", {}).get("submodule_name")
-    if trained_hook is None:
-        raise UserError(f"sparsity.dictionary: {folder}/config.json does not say which hook it was trained at")
-    hook = resolve_hook(config, trained_hook)
-    if hook.layer != layer:
+    opened = dictionary_at_hook(params, folder, config)
+    if opened.params.model.name != params.model.name:
         raise UserError(
-            f"sparsity.dictionary: {folder} was trained at {hook.name} (layer {hook.layer}), but the neurons are in "
-            f"layer {layer}; use a dictionary of that layer or set sparsity.dictionary to null"
+            f"sparsity.dictionary: {folder} was trained on model {opened.params.model.name!r}, not "
+            f"{params.model.name!r}; use a dictionary of this model or set sparsity.dictionary to null"
         )
-    check_dictionary_matches(
-        dictionary_config, sae, model_name=model_name, hook_name=hook.name, d_in=hook_width(config, hook)
-    )
-    return Dictionary(sae, hook)
+    if opened.hook.layer != layer:
+        raise UserError(
+            f"sparsity.dictionary: {folder} was trained at {opened.hook.name} (layer {opened.hook.layer}), but the "
+            f"neurons are in layer {layer}; use a dictionary of that layer or set sparsity.dictionary to null"
+        )
+    return Dictionary(opened.sae, opened.hook)
 
 
 class LatentExplainer:
@@ -85,7 +86,7 @@ class LatentExplainer:
 
     kind = "latent"
 
-    def __init__(self, sae: TopKSAE, min_share: float, min_lift: float):
+    def __init__(self, sae: SparseAutoencoder, min_share: float, min_lift: float):
         self.sae, self.min_share, self.min_lift = sae, min_share, min_lift
         self.fired_F = torch.zeros(sae.num_latents, dtype=torch.long)
         self.rows = 0
@@ -93,10 +94,10 @@ class LatentExplainer:
     def features(self, rows_RD: Tensor) -> Tensor:
         """(R, K) the latents active on each row, -1 where fewer than K are."""
         out = self.sae.encode(rows_RD.to(self.sae.W_dec.dtype))
-        active_RK = out.top_acts > 0
-        self.fired_F += torch.bincount(out.top_indices[active_RK].cpu(), minlength=self.sae.num_latents)
+        active_RK = out.values > 0
+        self.fired_F += torch.bincount(out.indices[active_RK].cpu(), minlength=self.sae.num_latents)
         self.rows += len(rows_RD)
-        return out.top_indices.masked_fill(~active_RK, -1)
+        return out.indices.masked_fill(~active_RK, -1)
 
     def groups(self, latents_NK: Tensor, min_count: int) -> list[tuple[int, Tensor]]:
         """(latent, context indices) for the latents that take separate groups of at least ``min_count`` contexts."""
