@@ -128,6 +128,18 @@ WORDS = [
 ]
 
 
+def write_dictionary(folder, sae, model: str, hook: str, **trainer) -> None:
+    """Save ``sae`` as a run folder trained on ``model`` at ``hook``, as training writes it (plus ``trainer``
+    fields)."""
+    from dictlearn.formats.dictionary_learning import to_dictionary_learning
+    from dictlearn.formats.run_folder import save_dictionary
+
+    config = {
+        "trainer": {"dict_class": to_dictionary_learning(sae)[0], "lm_name": model, "submodule_name": hook, **trainer}
+    }
+    save_dictionary(folder, sae, config)
+
+
 def write_corpus(path, sentences: int = 3000, seed: int = 0) -> None:
     """A small text file of word-salad sentences over ``WORDS``."""
     import random

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from dictlearn.sae.topk import TopKSAE
+from tests.conftest import write_dictionary
 from tests.test_params import assert_one_line_error
 from tests.test_scripts import run
 from tests.test_sentences import BAD_CSVS
@@ -22,9 +23,7 @@ def tiny_dictionary(tiny_checkpoint_with_text, tmp_path_factory):
     model, _ = tiny_checkpoint_with_text
     folder = tmp_path_factory.mktemp("dictionary") / "model" / HOOK / "128_k4"
     folder.mkdir(parents=True)
-    TopKSAE(32, 128, 4, seed=0).save(folder / "ae.pt")
-    config = {"trainer": {"lm_name": str(model), "submodule_name": HOOK, "dict_size": 128, "k": 4}}
-    (folder / "config.json").write_text(json.dumps(config))
+    write_dictionary(folder, TopKSAE(32, 128, 4, seed=0), str(model), HOOK, dict_size=128, k=4)
     return folder
 
 

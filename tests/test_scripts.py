@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import write_dictionary
 from tests.test_params import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,13 +111,9 @@ def test_dictionary_of_another_width_is_refused(tmp_path, tiny_checkpoint_with_t
     model, corpus = tiny_checkpoint_with_text
     folder = tmp_path / "wrong"
     folder.mkdir()
-    TopKSAE(48, 96, 4).save(folder / "ae.pt")
-    config = {"trainer": {"lm_name": str(model), "submodule_name": "blocks.1.hook_resid_post"}}
-    (folder / "config.json").write_text(json.dumps(config))
+    write_dictionary(folder, TopKSAE(48, 96, 4), str(model), "blocks.1.hook_resid_post")
     result = run("evaluate.py", tiny_params(model, corpus, tmp_path), tmp_path, "--dictionary", str(folder))
-    assert_one_line_error(
-        result, r"dictionary width 48 does not match the activation width 32 at blocks.1.hook_resid_post"
-    )
+    assert_one_line_error(result, r"dictionary .*wrong has width 48, but blocks.1.hook_resid_post of .* has width 32")
 
 
 def test_training_from_a_missing_store_says_what_to_run(tmp_path, tiny_checkpoint_with_text):

@@ -17,7 +17,7 @@ from dictlearn.errors import UserError
 from dictlearn.lm.models import LanguageModel, capture_activations, resolve_hook
 from dictlearn.params import Params, parse_params
 from dictlearn.sae.topk import TopKSAE
-from tests.conftest import TINY_MODELS, WORDS, tiny_llama, word_tokenizer, write_corpus
+from tests.conftest import TINY_MODELS, WORDS, tiny_llama, word_tokenizer, write_corpus, write_dictionary
 from tests.test_params import assert_one_line_error
 from tests.test_scripts import run
 
@@ -351,10 +351,7 @@ def test_script_writes_tables_plots_and_json(tmp_path, tiny_checkpoint_with_text
     model, corpus = tiny_checkpoint_with_text
     folder = tmp_path / "dictionary"
     folder.mkdir()
-    TopKSAE(32, 64, 4, seed=0).save(folder / "ae.pt")
-    (folder / "config.json").write_text(
-        json.dumps({"trainer": {"lm_name": str(model), "submodule_name": "blocks.1.hook_resid_post"}})
-    )
+    write_dictionary(folder, TopKSAE(32, 64, 4, seed=0), str(model), "blocks.1.hook_resid_post")
     params = script_params(model, corpus, tmp_path, dictionary=str(folder), eps=0.01, min_lift=1.0)
     result = run("sparsity.py", params, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -410,10 +407,7 @@ def test_a_dictionary_of_another_layer_is_refused(tmp_path, tiny_checkpoint_with
     model, corpus = tiny_checkpoint_with_text
     folder = tmp_path / "layer2"
     folder.mkdir()
-    TopKSAE(32, 64, 4).save(folder / "ae.pt")
-    (folder / "config.json").write_text(
-        json.dumps({"trainer": {"lm_name": str(model), "submodule_name": "blocks.2.hook_resid_post"}})
-    )
+    write_dictionary(folder, TopKSAE(32, 64, 4), str(model), "blocks.2.hook_resid_post")
     result = run("sparsity.py", script_params(model, corpus, tmp_path, dictionary=str(folder)), tmp_path)
     assert_one_line_error(
         result, r"sparsity\.dictionary: .* was trained at blocks\.2\.hook_resid_post \(layer 2\), but the neurons"

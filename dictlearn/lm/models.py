@@ -22,7 +22,7 @@ from torch import nn
 from dictlearn.errors import UserError
 from dictlearn.params import EMBEDDED_MODEL, ModelParams
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("DICTLEARN_CACHE", REPO_ROOT / "data" / "cache"))
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
