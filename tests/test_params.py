@@ -65,6 +65,12 @@ def test_default_params_file_is_valid():
         ({"model": {"device": "tpu"}}, r"model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', found 'tpu'"),
         ({"buffer": {"refill_fraction": 1.5}}, r"buffer.refill_fraction: input should be less than or equal to 1"),
         ([1, 2], r"expected a JSON object of sections"),
+        (
+            {"buffer": {"batch_size": True}},
+            r"^params.json: buffer.batch_size: input should be a valid integer; found tr",
+        ),
+        ({"data": {"context_size": "64"}}, r"data.context_size: input should be a valid integer; found \"64\"$"),
+        ({"data": {"context_size": 64.0}}, r"data.context_size: input should be a valid integer; found 64.0$"),
     ],
 )
 def test_bad_values_name_the_key(data, pattern):
@@ -73,6 +79,11 @@ def test_bad_values_name_the_key(data, pattern):
     with pytest.raises(UserError) as caught:
         parse_params(data, source="params.json")
     assert re.search(pattern, str(caught.value)), str(caught.value)
+
+
+def test_json_integers_are_accepted_for_float_fields():
+    params = parse_params({"train": {"lr": 1, "max_grad_norm": 2}, "analysis": {"levels": [0.5, 1]}})
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float) and params.analysis.levels == [0.5, 1.0]
 
 
 def test_params_are_frozen():
@@ -95,7 +106,10 @@ def test_script_rejects_missing_params_file(tmp_path):
 def test_script_rejects_invalid_json(tmp_path):
     (tmp_path / "params.json").write_text('{"model": }')
     result = run_script("get_activations.py", None, tmp_path)
-    assert_one_line_error(result, r"not valid JSON at line 1, column 11")
+    assert_one_line_error(result, r"params.json: params file is not valid JSON at line 1, column 11")
+    (tmp_path / "params.json").write_text("[]")
+    result = run_script("get_activations.py", None, tmp_path)
+    assert_one_line_error(result, r"params.json: expected a JSON object of sections at the top level, found list")
 
 
 def test_script_rejects_missing_text_files(tmp_path):
