@@ -134,3 +134,47 @@ def test_script_rejects_unreachable_hub_model(tmp_path):
     result = run_script("get_activations.py", params, tmp_path)
     assert_one_line_error(result, r"model.name: could not load 'EleutherAI/pythia-70m-deduped'.*smollm2-135m")
     assert not any(tmp_path.glob("data/activations/*"))
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    from tests.test_feature_db import free_port
+
+    (tmp_path / "t.txt").write_text("some text")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub is down, whatever this machine's network
+    (tmp_path / "params.json").write_text(
+        json.dumps({"model": {"name": "nobody/no-such-model"}, "data": {"source": "files", "path": "t.txt"}})
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "get_activations.py"), "--params", "params.json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert_one_line_error(
+        result,
+        rf"^error: model.name: could not load 'nobody/no-such-model': not a local folder, not in the local Hugging "
+        rf"Face cache, and the hub at {endpoint} cannot be reached \(.*\); use 'smollm2-135m' to run offline$",
+    )
+
+
+def test_a_hub_that_answers_is_used():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from dictlearn.lm.models import hub_unreachable
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with HTTPServer(("127.0.0.1", 0), NotFound) as server:
+        threading.Thread(target=server.handle_request, daemon=True).start()
+        assert hub_unreachable(f"http://127.0.0.1:{server.server_port}") is None
