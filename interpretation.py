@@ -18,14 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.analysis.dictionary_on_model import open_dictionary
-from dictlearn.errors import run_script
-from dictlearn.report.feature_page import render_page
-from dictlearn.files import atomic_write, write_json
-from dictlearn.params import load_params
-from dictlearn.lm.text import check_source
-from dictlearn.report.token_display import latent_text, token_strings
 from dictlearn.analysis.top_contexts import (
     TopContexts,
     check_latent_selection,
@@ -34,19 +27,28 @@ from dictlearn.analysis.top_contexts import (
     latent_records,
     scan,
 )
+from dictlearn.cli import argument_parser, positive_int, quiet_transformers, threads_from_env
+from dictlearn.errors import run_script
+from dictlearn.files import atomic_write, check_output_folder, write_json
+from dictlearn.lm.text import check_source
+from dictlearn.params import load_params
+from dictlearn.report.feature_page import render_page
+from dictlearn.report.token_display import latent_text, token_strings
 
 
 def main() -> None:
     parser = argument_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--dictionary", help="dictionary folder (default: interpretation.dictionary)")
     parser.add_argument("--latents", help="latents to print (default: interpretation.latents)")
-    parser.add_argument("--tokens", type=int, help="corpus tokens to scan (default: interpretation.tokens)")
+    parser.add_argument("--tokens", type=positive_int, help="corpus tokens to scan (default: interpretation.tokens)")
     args = parser.parse_args()
     threads_from_env()
     quiet_transformers()
     params = load_params(args.params)
     given = {"dictionary": args.dictionary, "latents": args.latents, "tokens": args.tokens}
     settings = params.with_overrides(interpretation={k: v for k, v in given.items() if v is not None}).interpretation
+    folder = Path(settings.output_dir or Path(settings.dictionary) / "interpretation")
+    check_output_folder(folder, "interpretation.output_dir")
     check_source(params.data)
     opened = open_dictionary(params, settings.dictionary)
     check_latent_selection(settings.latents, opened.sae.num_latents)
@@ -85,7 +87,6 @@ def main() -> None:
     for latent in chosen_latents(settings.latents, top):
         print(latent_text(document["latents"][latent], colour), end="\n\n")
 
-    folder = Path(settings.output_dir or Path(settings.dictionary) / "interpretation")
     text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
     atomic_write(folder / "latents.json", lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
     atomic_write(folder / "latents.html", lambda temp: temp.write_text(render_page(document), encoding="utf-8"))

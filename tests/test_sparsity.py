@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dictlearn.analysis.sparsity.activation_sparsity import SparsityAnalyzer, SparsityCounter, hoyer_sparsity
+from dictlearn.analysis.sparsity.polysemantic import Dictionary, LatentExplainer, TopRows
+from dictlearn.analysis.sparsity.prune import params_per_neuron, pruned_neurons
 from dictlearn.errors import UserError
 from dictlearn.lm.models import LanguageModel, capture_activations, resolve_hook
 from dictlearn.params import Params, parse_params
-from dictlearn.analysis.sparsity.polysemantic import Dictionary, LatentExplainer, TopRows
-from dictlearn.analysis.sparsity.prune import params_per_neuron, pruned_neurons
 from dictlearn.sae.topk import TopKSAE
-from dictlearn.analysis.sparsity.activation_sparsity import SparsityAnalyzer, SparsityCounter, hoyer_sparsity
 from tests.conftest import TINY_MODELS, WORDS, tiny_llama, word_tokenizer, write_corpus
 from tests.test_params import assert_one_line_error
 from tests.test_scripts import run
@@ -382,6 +382,11 @@ def test_script_writes_tables_plots_and_json(tmp_path, tiny_checkpoint_with_text
         (
             {"dictionary": "nowhere"},
             r"^error: sparsity\.dictionary: no dictionary at nowhere .*set sparsity\.dictionary",
+        ),
+        ({"save_pruned": "params.json"}, r"^error: sparsity\.save_pruned: params.json is a file; name a folder$"),
+        (
+            {"output_dir": "params.json/{model}", "dictionary": None},
+            r"^error: sparsity\.output_dir: params.json/model cannot be made: params.json is a file; name a folder$",
         ),
     ],
 )
