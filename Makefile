@@ -25,7 +25,7 @@ harvest: data
 # The main job: harvest the embedded default into the store (skipped when up to date), then train from it.
 train: data
 	$(PY) get_activations.py
-	$(PY) training_script.py
+	$(PY) training_script.py --if-missing
 
 # Debian's Chromium, for the headless test that opens interpretation.py's HTML page; installed only when absent.
 chromium: /usr/bin/chromium

@@ -23,14 +23,22 @@ from tqdm import tqdm
 
 from dictlearn.analysis.auto_interp import ChatClient, interpret
 from dictlearn.analysis.dictionary_on_model import open_dictionary
-from dictlearn.analysis.feature_db import FeatureStore, dictionary_key, open_feature_store, stored_analysis
+from dictlearn.analysis.feature_db import (
+    FeatureStore,
+    database_path,
+    dictionary_fingerprint,
+    dictionary_name,
+    open_feature_store,
+    stored_analysis,
+)
 from dictlearn.analysis.feature_records import AnalysisPass, RecordScores, analysis_records
 from dictlearn.analysis.logit_attribution import logit_attribution
 from dictlearn.analysis.top_contexts import check_latent_selection, chosen_latents, corpus_windows, scan
-from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
+from dictlearn.cli import argument_parser, positive_int, quiet_transformers, threads_from_env
 from dictlearn.errors import UserError, run_script
-from dictlearn.files import atomic_write, write_json
+from dictlearn.files import atomic_write, check_output_folder, write_json
 from dictlearn.lm.text import check_source
+from dictlearn.locks import output_lock
 from dictlearn.params import AnalysisParams, Params, load_params
 from dictlearn.report.feature_display import latent_report, page_document, search_line
 from dictlearn.report.feature_page import render_page
@@ -39,6 +47,15 @@ from dictlearn.report.token_display import token_strings
 
 def output_folder(settings: AnalysisParams) -> Path:
     return Path(settings.output_dir or Path(settings.dictionary) / "analysis")
+
+
+def writing(settings: AnalysisParams):
+    """Hold the lock of what `run` and `explain` write: the SQLite file, or the output folder with MongoDB (whose
+    server orders the writes itself); first refuse an output folder that is a file."""
+    check_output_folder(output_folder(settings), "analysis.output_dir")
+    if settings.mongo_uri:
+        return output_lock(output_folder(settings), "analysis folder")
+    return output_lock(database_path(settings), "feature database")
 
 
 def write_page(store: FeatureStore, key: str, meta: dict, settings: AnalysisParams) -> Path:
@@ -50,7 +67,7 @@ def write_page(store: FeatureStore, key: str, meta: dict, settings: AnalysisPara
     return path
 
 
-def run(params: Params, settings: AnalysisParams) -> None:
+def run(params: Params, settings: AnalysisParams, key: str) -> None:
     check_source(params.data)
     opened = open_dictionary(params, settings.dictionary)
     if opened.note:
@@ -70,9 +87,10 @@ def run(params: Params, settings: AnalysisParams) -> None:
         analysis, dla, settings.levels, lambda ids: token_strings(lm.tokenizer, ids)
     )
 
-    key = dictionary_key(settings.dictionary)
     meta = {
-        "dictionary": key,
+        "dictionary": dictionary_name(settings.dictionary),
+        "fingerprint": key,
+        "folder": str(Path(settings.dictionary).resolve()),
         "model": params.model.name,
         "hook": opened.hook.name,
         "num_latents": sae.num_latents,
@@ -97,8 +115,8 @@ def run(params: Params, settings: AnalysisParams) -> None:
 
 def show(settings: AnalysisParams, latent: int) -> None:
     store = open_feature_store(settings, create=False)
-    key = dictionary_key(settings.dictionary)
-    meta = stored_analysis(store, key)
+    key = dictionary_fingerprint(settings.dictionary)
+    meta = stored_analysis(store, key, settings.dictionary)
     if not 0 <= latent < meta["num_latents"]:
         raise UserError(
             f"--latent: latent {latent} does not exist; this dictionary has latents 0..{meta['num_latents'] - 1}"
@@ -111,19 +129,18 @@ def show(settings: AnalysisParams, latent: int) -> None:
 
 def search(settings: AnalysisParams, text: str, limit: int) -> None:
     store = open_feature_store(settings, create=False)
-    key = dictionary_key(settings.dictionary)
-    stored_analysis(store, key)
+    key = dictionary_fingerprint(settings.dictionary)
+    stored_analysis(store, key, settings.dictionary)
     hits = store.search(key, text, limit)
     for record in hits:
         print(search_line(record))
     print(f"{len(hits)} latent(s) match {text!r}" + (f" (showing the first {limit})" if len(hits) == limit else ""))
 
 
-def explain(params: Params, settings: AnalysisParams) -> None:
+def explain(params: Params, settings: AnalysisParams, key: str) -> None:
     ai = settings.auto_interp
     store = open_feature_store(settings, create=False)
-    key = dictionary_key(settings.dictionary)
-    meta = stored_analysis(store, key)
+    meta = stored_analysis(store, key, settings.dictionary)
     check_latent_selection(ai.latents, meta["num_latents"], "analysis.auto_interp.latents")
     records = store.latents(key)
     windows = store.windows(key)
@@ -151,12 +168,12 @@ def main() -> None:
     common.add_argument("--dictionary", help="dictionary folder (default: analysis.dictionary)")
     commands = parser.add_subparsers(dest="command")
     run_parser = commands.add_parser("run", parents=[common], help="analyse and fill the feature database")
-    run_parser.add_argument("--tokens", type=int, help="corpus tokens to scan (default: analysis.tokens)")
+    run_parser.add_argument("--tokens", type=positive_int, help="corpus tokens to scan (default: analysis.tokens)")
     show_parser = commands.add_parser("show", parents=[common], help="print one latent's record")
     show_parser.add_argument("--latent", type=int, required=True, help="latent id")
     search_parser = commands.add_parser("search", parents=[common], help="search explanations and top tokens")
     search_parser.add_argument("text", help="text to look for (any case)")
-    search_parser.add_argument("--limit", type=int, default=20, help="most latents listed (default 20)")
+    search_parser.add_argument("--limit", type=positive_int, default=20, help="most latents listed (default 20)")
     explain_parser = commands.add_parser("explain", parents=[common], help="explain and score latents")
     explain_parser.add_argument("--latents", help="latents to explain (default: analysis.auto_interp.latents)")
     args = parser.parse_args()
@@ -171,14 +188,15 @@ def main() -> None:
     # The dictionary's model and hook fill in what the params file leaves out: open_dictionary reads the file's
     # own fields, so the overrides go to the settings alone.
     settings = params.with_overrides(analysis=analysis).analysis
-    if args.command in (None, "run"):
-        run(params, settings)
-    elif args.command == "show":
+    if args.command == "show":
         show(settings, args.latent)
     elif args.command == "search":
         search(settings, args.text, args.limit)
     else:
-        explain(params, settings)
+        # The fingerprint first: it refuses a folder with no dictionary before the lock makes any folder.
+        key = dictionary_fingerprint(settings.dictionary)
+        with writing(settings):
+            (explain if args.command == "explain" else run)(params, settings, key)
 
 
 if __name__ == "__main__":

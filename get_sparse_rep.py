@@ -20,7 +20,7 @@ from dictlearn.analysis.sentences import (
 )
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.errors import run_script
-from dictlearn.files import atomic_write, write_json
+from dictlearn.files import atomic_write, check_output_folder, write_json
 from dictlearn.params import load_params
 from dictlearn.report.common import print_table
 from dictlearn.report.sentence_report import (
@@ -48,6 +48,8 @@ def main() -> None:
     params = load_params(args.params)
     given = {"dictionary": args.dictionary, "csv": args.csv, "column": args.column, "per_token": args.per_token}
     settings = params.with_overrides(sentences={k: v for k, v in given.items() if v is not None}).sentences
+    folder = output_folder(settings)
+    check_output_folder(folder, "sentences.output_dir")
     table = read_sentences(settings.csv, settings.column, settings.group_column)
     opened = open_dictionary(params, settings.dictionary)
     if opened.note:
@@ -78,7 +80,6 @@ def main() -> None:
         print("\nlatents shared within each group (active in the group's rows more than in the others')")
         print_table(groups.values.tolist(), ["group", "latent", "active in group", "active outside", "mean weight"])
 
-    folder = output_folder(settings)
     outputs = {"codes.csv": frame, "summary.csv": summary, **({"groups.csv": groups} if groups is not None else {})}
     for name, data in outputs.items():
         atomic_write(folder / name, lambda temp, data=data: data.to_csv(temp, index=False))

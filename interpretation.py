@@ -27,9 +27,9 @@ from dictlearn.analysis.top_contexts import (
     latent_records,
     scan,
 )
-from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
+from dictlearn.cli import argument_parser, positive_int, quiet_transformers, threads_from_env
 from dictlearn.errors import run_script
-from dictlearn.files import atomic_write, write_json
+from dictlearn.files import atomic_write, check_output_folder, write_json
 from dictlearn.lm.text import check_source
 from dictlearn.params import load_params
 from dictlearn.report.feature_page import render_page
@@ -40,13 +40,15 @@ def main() -> None:
     parser = argument_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--dictionary", help="dictionary folder (default: interpretation.dictionary)")
     parser.add_argument("--latents", help="latents to print (default: interpretation.latents)")
-    parser.add_argument("--tokens", type=int, help="corpus tokens to scan (default: interpretation.tokens)")
+    parser.add_argument("--tokens", type=positive_int, help="corpus tokens to scan (default: interpretation.tokens)")
     args = parser.parse_args()
     threads_from_env()
     quiet_transformers()
     params = load_params(args.params)
     given = {"dictionary": args.dictionary, "latents": args.latents, "tokens": args.tokens}
     settings = params.with_overrides(interpretation={k: v for k, v in given.items() if v is not None}).interpretation
+    folder = Path(settings.output_dir or Path(settings.dictionary) / "interpretation")
+    check_output_folder(folder, "interpretation.output_dir")
     check_source(params.data)
     opened = open_dictionary(params, settings.dictionary)
     if opened.note:
@@ -88,7 +90,6 @@ def main() -> None:
     for latent in chosen_latents(settings.latents, top):
         print(latent_text(document["latents"][latent], colour), end="\n\n")
 
-    folder = Path(settings.output_dir or Path(settings.dictionary) / "interpretation")
     text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
     atomic_write(folder / "latents.json", lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
     atomic_write(folder / "latents.html", lambda temp: temp.write_text(render_page(document), encoding="utf-8"))

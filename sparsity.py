@@ -16,7 +16,7 @@ from dictlearn.analysis.sparsity.activation_sparsity import SparsityAnalyzer, re
 from dictlearn.analysis.sparsity.polysemantic import load_layer_dictionary
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.errors import run_script
-from dictlearn.formats.run_folder import write_json
+from dictlearn.files import check_output_folder, write_json
 from dictlearn.lm.models import hook_width, load_config, load_language_model
 from dictlearn.lm.text import check_source
 from dictlearn.params import load_params
@@ -45,6 +45,8 @@ def main() -> None:
     quiet_transformers()
     params = load_params(args.params)
     settings = params.sparsity
+    if settings.save_pruned is not None:
+        check_output_folder(settings.save_pruned, "sparsity.save_pruned")
     check_source(params.data)
     config = load_config(params.model)
     sparsity_layers(settings, config)
@@ -55,6 +57,7 @@ def main() -> None:
     lm = load_language_model(params.model)
     analyzer = SparsityAnalyzer(lm, params)
     folder = Path(settings.output_dir.format(model=lm.short_name))
+    check_output_folder(folder, "sparsity.output_dir")
 
     print(f"activation sparsity of {len(analyzer.layers)} layers' MLP neurons over {settings.tokens:,} tokens")
     sparsity = analyzer.compute_activation_sparsity()

@@ -1,6 +1,6 @@
 """Train a sparse autoencoder of any registered architecture (``sae.architecture``) at the params' hook.
 
-    python training_script.py [--params params.json] [--resume]
+    python training_script.py [--params params.json] [--resume | --overwrite | --if-missing]
 
 Writes dictionaries/<model>/<hook>/<run>/: ae.pt, config.json, metrics.jsonl, eval.json, plots.
 """
@@ -16,9 +16,17 @@ from dictlearn.activations.source import training_buffer
 from dictlearn.cli import argument_parser, keep_freed_memory, prepare, store_path, threads_from_env
 from dictlearn.errors import run_script
 from dictlearn.evaluation.evaluate import evaluate_dictionary
-from dictlearn.files import write_json
-from dictlearn.formats.run_folder import dictionary_config, num_latents_of, run_folder, save_dictionary
+from dictlearn.files import check_output_folder, write_json
+from dictlearn.formats.run_folder import (
+    AE_FILE,
+    claim_run_folder,
+    dictionary_config,
+    num_latents_of,
+    run_folder,
+    save_dictionary,
+)
 from dictlearn.lm.models import hook_width
+from dictlearn.locks import output_lock
 from dictlearn.report.common import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
 from dictlearn.sae.registry import architecture, build_objective, build_sae
 from dictlearn.training.trainer import Trainer
@@ -26,14 +34,29 @@ from dictlearn.training.trainer import Trainer
 
 def main() -> None:
     parser = argument_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    modes.add_argument("--overwrite", action="store_true", help="remove the run folder's earlier results and train")
+    modes.add_argument(
+        "--if-missing", action="store_true", help="do nothing (exit 0) when the run folder already holds a dictionary"
+    )
     args = parser.parse_args()
     threads_from_env()
     keep_freed_memory()
     params, lm, hook = prepare(args.params, needs_text=True)
+    folder = run_folder(params, lm.short_name, hook.name, hook_width(lm.config, hook))
+    check_output_folder(folder, "train.output_dir")
+    if args.if_missing and (folder / AE_FILE).is_file():
+        print(f"{folder} already holds a trained dictionary; python training_script.py --overwrite trains it again")
+        return
+    with output_lock(folder, "run folder"):
+        claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite)
+        train(params, lm, hook, folder, resume=args.resume)
+
+
+def train(params, lm, hook, folder, *, resume: bool) -> None:
     d_in = hook_width(lm.config, hook)
     num_latents = num_latents_of(params, d_in)
-    folder = run_folder(params, lm.short_name, hook.name, d_in)
     buffer = training_buffer(params, lm, hook, store_path(params, lm, hook))
     torch.manual_seed(params.train.seed)
     sae = build_sae(params.sae, d_in=d_in, d_out=None, num_latents=num_latents, device=lm.device)
@@ -51,10 +74,13 @@ def main() -> None:
         decay_start=trainer.schedule.decay_start,
         device=str(lm.device),
     )
-    if args.resume:
-        trainer.load_checkpoint()
+    if resume and trainer.checkpoint_path.is_file():
+        for note in trainer.load_checkpoint():
+            print(note)
         print(f"resuming {folder} at step {trainer.step} of {trainer.total_steps}")
     else:
+        if resume:
+            print(trainer.progress_without_checkpoint())
         trainer.initialize()
     print(
         f"training a {params.sae.architecture} SAE, {num_latents} latents, on {params.model.name} {hook.name} -> {folder}"

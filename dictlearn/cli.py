@@ -13,8 +13,27 @@ from dictlearn.lm.text import check_source
 from dictlearn.params import DEFAULT_PARAMS_PATH, Params, load_params
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one ``error: ...`` line and exit code 2, like every other user
+    error (argparse's own report adds the usage block above it). Subcommands' parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts: ``--tokens 0`` or ``-5`` is refused instead of meaning 'the default'."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return value
+
+
 def argument_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = OneLineParser(description=description)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS_PATH), help="params file (default: params.json)")
     return parser
 

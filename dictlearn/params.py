@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from dictlearn.errors import UserError
+from dictlearn.files import read_json
 
 DEFAULT_PARAMS_PATH = Path("params.json")
 
@@ -25,7 +26,9 @@ EMBEDDED_CORPUS = "austen"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Strict: pydantic's lax mode takes true for 1 and "8" for 8, so `sae.k: true` would train with k=1. JSON
+    # integers are still accepted for float fields.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -546,10 +549,4 @@ def load_params(path: str | Path | None = None) -> Params:
     path = Path(path) if path is not None else DEFAULT_PARAMS_PATH
     if not path.is_file():
         raise UserError(f"params file {path} not found; pass --params PATH or run from the repository root")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    return parse_params(data, source=str(path))
+    return parse_params(read_json(path, "params file", expect=None), source=str(path))

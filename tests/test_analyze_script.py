@@ -152,3 +152,26 @@ def test_bad_analysis_params_are_one_line(analysis, message):
     with pytest.raises(UserError) as caught:
         parse_params({"analysis": analysis})
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_copied_dictionary_reads_its_own_analysis_and_a_busy_database_is_refused(analysed, tmp_path):
+    import os
+    import shutil
+
+    from dictlearn.locks import output_lock
+
+    params, dictionary, _ = analysed
+    copy = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(dictionary, copy)
+    shown = run("analyze.py", params, tmp_path, "show", "--latent", "0", "--dictionary", str(copy))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"latent 0 of model/{HOOK}/128_k4 (")  # named where it was analysed
+
+    database = dictionary / "analysis" / "features.sqlite"
+    with output_lock(database, "feature database"):
+        busy = run("analyze.py", params, tmp_path, "explain")
+    assert_one_line_error(busy, rf"^error: feature database {database} is in use by process {os.getpid()} \(a ")
+    assert_one_line_error(
+        run("analyze.py", params, tmp_path, "search", "x", "--limit", "-1"),
+        r"^error: argument --limit: expected a positive integer, found '-1' \(see analyze.py search --help\)$",
+    )

@@ -174,3 +174,23 @@ def test_a_reader_that_says_yes_to_everything_scores_the_share_of_activating_con
         settings = AnalysisParams().model_copy(update={"auto_interp": client.settings})
         result = interpret(client, record, windows, settings, random.Random(0))
     assert result.detection_accuracy == pytest.approx(3 / 7)
+
+
+def test_a_reply_without_text_is_one_line():
+    empty = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "length"}]}
+    with ChatServer(lambda request: (200, empty), max_requests=1) as server, pytest.raises(UserError) as caught:
+        client_for(server.base_url).complete(MESSAGES)
+    assert str(caught.value) == (
+        f"analysis.auto_interp: the reply from {server.base_url}/chat/completions has no text (content is null); "
+        "check analysis.auto_interp.model and max_reply_tokens"
+    )
+
+
+def test_the_key_is_redacted_from_errors_and_replies(monkeypatch):
+    monkeypatch.setenv("DICTLEARN_TEST_API_KEY", "sk-secret-123")
+    echo = {"error": {"message": "Incorrect API key provided: sk-secret-123. Find yours at example.com."}}
+    with ChatServer(lambda request: (401, echo), max_requests=1) as server, pytest.raises(UserError) as caught:
+        client_for(server.base_url).complete(MESSAGES)
+    assert "sk-secret-123" not in str(caught.value) and "Incorrect API key provided: ***." in str(caught.value)
+    with ChatServer(lambda request: completion("your key is sk-secret-123"), max_requests=1) as server:
+        assert client_for(server.base_url).complete(MESSAGES) == "your key is ***"

@@ -109,3 +109,57 @@ def test_prefetched_keeps_order_raises_and_stops():
     count = len(produced)
     time.sleep(0.3)
     assert count == len(produced) and count <= 5  # the producer stopped, a few items ahead at most
+
+
+def written_store(tmp_path, total: int = 100, shard_tokens: int = 32):
+    writer = StoreWriter(tmp_path / "store", {"d_in": D}, shard_tokens=shard_tokens)
+    write_store(numbered_chunks(total, 40)(0), writer, max_tokens=total)
+    return tmp_path / "store"
+
+
+def test_broken_store_metadata_is_one_line(tmp_path):
+    store = written_store(tmp_path)
+    meta = store / "meta.json"
+    for text, pattern in [
+        ("{not json", r"meta.json: activation store metadata is not valid JSON at line 1, column 2"),
+        ("[]", r"meta.json: activation store metadata should be a JSON object, found a JSON array$"),
+        ('{"d_in": 4}', r"meta.json: activation store metadata has no list of shards; run get_activations.py --over"),
+    ]:
+        meta.write_text(text)
+        with pytest.raises(UserError, match=pattern):
+            ActivationStore(store)
+
+
+def test_a_shard_missing_or_truncated_is_one_line_naming_it(tmp_path):
+    store_folder = written_store(tmp_path)
+    store = ActivationStore(store_folder)
+    shard = store_folder / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-20])  # a copy cut short
+    chunks = store.iter_chunks()
+    assert len(next(chunks).acts) == 32
+    with pytest.raises(UserError) as caught:
+        next(chunks)
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith(
+        f"{shard}: activation store shard is not a readable safetensors file (incomplete metadata"
+    )
+    shard.unlink()
+    with pytest.raises(
+        UserError, match=r"store is incomplete: missing shard_00001.safetensors; run get_activations.py"
+    ):
+        ActivationStore(store_folder)
+
+
+def test_a_killed_runs_partial_folder_is_replaced(tmp_path):
+    partial = tmp_path / "store.partial"
+    partial.mkdir()
+    (partial / "shard_00000.safetensors").write_bytes(b"half a shard")
+    (partial / "junk").mkdir()
+    store = ActivationStore(written_store(tmp_path))
+    assert not partial.exists() and len(store) == 100
+
+
+def test_a_store_path_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"^activation store: .*file/store.partial cannot be made: .*/file is a file"):
+        StoreWriter(tmp_path / "file" / "store", {"d_in": D}, shard_tokens=8)

@@ -10,8 +10,16 @@ import subprocess
 import time
 
 import pytest
+import torch
 
-from dictlearn.analysis.feature_db import MongoStore, SQLiteStore, dictionary_key, open_feature_store
+from dictlearn.analysis.feature_db import (
+    MongoStore,
+    SQLiteStore,
+    dictionary_fingerprint,
+    dictionary_name,
+    open_feature_store,
+    stored_analysis,
+)
 from dictlearn.errors import UserError
 from dictlearn.params import AnalysisParams
 
@@ -146,9 +154,50 @@ def test_missing_and_broken_databases_are_refused(tmp_path):
     broken.write_text("not a database, just text that is long enough to be read as a header\n" * 20)
     with pytest.raises(UserError, match=r"analysis.database: .*broken.sqlite is not a feature database"):
         open_feature_store(settings.model_copy(update={"database": str(broken)}), create=False)
-    assert dictionary_key(tmp_path / "dicts" / "m" / "h" / "run") == "m/h/run"
+    assert dictionary_name(tmp_path / "dicts" / "m" / "h" / "run") == "m/h/run"
 
 
 def test_an_unreachable_mongodb_is_one_clear_error():
     with pytest.raises(UserError, match=r"analysis.mongo_uri: cannot reach MongoDB at mongodb://127.0.0.1:\d+ \("):
         MongoStore(f"mongodb://127.0.0.1:{free_port()}", "dictlearn", timeout_s=0.3)
+
+
+def save_weights(folder, seed: int):
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    state = {"encoder.weight": torch.randn(8, 4, generator=generator), "k": torch.tensor(2)}
+    torch.save(state, folder / "ae.pt")
+    return state
+
+
+def test_the_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    state = save_weights(tmp_path / "a" / "m" / "h" / "run", seed=0)
+    save_weights(tmp_path / "b" / "m" / "h" / "run", seed=1)  # alike path, other weights
+    shutil.copytree(tmp_path / "a", tmp_path / "renamed")
+    a, b = (dictionary_fingerprint(tmp_path / x / "m" / "h" / "run") for x in "ab")
+    assert a.startswith("sha256:") and len(a) == 7 + 64
+    assert a != b and dictionary_name(tmp_path / "a" / "m" / "h" / "run") == dictionary_name(tmp_path / "b/m/h/run")
+    assert dictionary_fingerprint(tmp_path / "renamed" / "m" / "h" / "run") == a
+    assert dictionary_fingerprint(dict(reversed(state.items()))) == a  # the state dict itself, any key order
+    assert dictionary_fingerprint({**state, "k": torch.tensor(3)}) != a
+    assert dictionary_fingerprint({**state, "k": torch.tensor(2.0)}) != a  # dtype counts
+
+
+def test_a_retrain_into_the_same_folder_drops_the_old_analysis_and_explanations(tmp_path):
+    folder = tmp_path / "m" / "h" / "run"
+    old = dictionary_fingerprint(save_weights(folder, seed=0))
+    store = SQLiteStore(tmp_path / "features.sqlite")
+    store.write_analysis(old, {**META, "folder": str(folder)}, sample_records(), WINDOWS)
+    store.set_explanation(old, 0, EXPLANATION)
+    copy = tmp_path / "copy"
+    other = dictionary_fingerprint(save_weights(copy, seed=2))
+    store.write_analysis(other, {**META, "folder": str(copy)}, sample_records(), WINDOWS)
+
+    new = dictionary_fingerprint(save_weights(tmp_path / "retrained", seed=1))
+    with pytest.raises(UserError, match=rf"holds no analysis of the dictionary now in {folder} \(weights sha256:"):
+        stored_analysis(store, new, folder)
+    store.write_analysis(new, {**META, "folder": str(folder)}, sample_records()[:1], WINDOWS)
+    assert store.meta(old) is None and store.latents(old) == [] and store.windows(old) == {}
+    assert [r["explanation"] for r in store.latents(new)] == [None]
+    assert len(store.latents(other)) == 3  # another folder's analysis stays
+    store.close()

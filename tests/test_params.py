@@ -65,6 +65,12 @@ def test_default_params_file_is_valid():
         ({"model": {"device": "tpu"}}, r"model.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', found 'tpu'"),
         ({"buffer": {"refill_fraction": 1.5}}, r"buffer.refill_fraction: input should be less than or equal to 1"),
         ([1, 2], r"expected a JSON object of sections"),
+        (
+            {"buffer": {"batch_size": True}},
+            r"^params.json: buffer.batch_size: input should be a valid integer; found tr",
+        ),
+        ({"data": {"context_size": "64"}}, r"data.context_size: input should be a valid integer; found \"64\"$"),
+        ({"data": {"context_size": 64.0}}, r"data.context_size: input should be a valid integer; found 64.0$"),
     ],
 )
 def test_bad_values_name_the_key(data, pattern):
@@ -73,6 +79,11 @@ def test_bad_values_name_the_key(data, pattern):
     with pytest.raises(UserError) as caught:
         parse_params(data, source="params.json")
     assert re.search(pattern, str(caught.value)), str(caught.value)
+
+
+def test_json_integers_are_accepted_for_float_fields():
+    params = parse_params({"train": {"lr": 1, "max_grad_norm": 2}, "analysis": {"levels": [0.5, 1]}})
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float) and params.analysis.levels == [0.5, 1.0]
 
 
 def test_params_are_frozen():
@@ -95,7 +106,10 @@ def test_script_rejects_missing_params_file(tmp_path):
 def test_script_rejects_invalid_json(tmp_path):
     (tmp_path / "params.json").write_text('{"model": }')
     result = run_script("get_activations.py", None, tmp_path)
-    assert_one_line_error(result, r"not valid JSON at line 1, column 11")
+    assert_one_line_error(result, r"params.json: params file is not valid JSON at line 1, column 11")
+    (tmp_path / "params.json").write_text("[]")
+    result = run_script("get_activations.py", None, tmp_path)
+    assert_one_line_error(result, r"params.json: expected a JSON object of sections at the top level, found list")
 
 
 def test_script_rejects_missing_text_files(tmp_path):
@@ -120,3 +134,47 @@ def test_script_rejects_unreachable_hub_model(tmp_path):
     result = run_script("get_activations.py", params, tmp_path)
     assert_one_line_error(result, r"model.name: could not load 'EleutherAI/pythia-70m-deduped'.*smollm2-135m")
     assert not any(tmp_path.glob("data/activations/*"))
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    from tests.test_feature_db import free_port
+
+    (tmp_path / "t.txt").write_text("some text")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub is down, whatever this machine's network
+    (tmp_path / "params.json").write_text(
+        json.dumps({"model": {"name": "nobody/no-such-model"}, "data": {"source": "files", "path": "t.txt"}})
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "get_activations.py"), "--params", "params.json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert_one_line_error(
+        result,
+        rf"^error: model.name: could not load 'nobody/no-such-model': not a local folder, not in the local Hugging "
+        rf"Face cache, and the hub at {endpoint} cannot be reached \(.*\); use 'smollm2-135m' to run offline$",
+    )
+
+
+def test_a_hub_that_answers_is_used():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from dictlearn.lm.models import hub_unreachable
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with HTTPServer(("127.0.0.1", 0), NotFound) as server:
+        threading.Thread(target=server.handle_request, daemon=True).start()
+        assert hub_unreachable(f"http://127.0.0.1:{server.server_port}") is None

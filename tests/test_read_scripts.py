@@ -131,7 +131,11 @@ def test_get_sparse_rep_names_a_missing_column(tmp_path, setup):
             ["--latents", "5,128"],
             r"latent 128 does not exist; this dictionary has latents 0\.\.127",
         ),
-        ("interpretation.py", ["--tokens", "0"], r"interpretation.tokens: input should be greater than 0; found 0"),
+        (
+            "interpretation.py",
+            ["--tokens", "0"],
+            r"^error: argument --tokens: expected a positive integer, found '0' \(see interpretation.py --help\)$",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line(tmp_path, setup, script, extra, pattern):

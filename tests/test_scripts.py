@@ -123,3 +123,41 @@ def test_training_from_a_missing_store_says_what_to_run(tmp_path, tiny_checkpoin
         result, r"train.source is 'store' but there is no activation store at .*run get_activations.py first"
     )
     assert not (tmp_path / "dicts").exists()
+
+
+def test_overwrite_repairs_a_broken_store_and_a_busy_store_is_refused(tmp_path, tiny_checkpoint_with_text):
+    from dictlearn.locks import output_lock
+
+    model, corpus = tiny_checkpoint_with_text
+    params = tiny_params(model, corpus, tmp_path)
+    params["store"] = {**params["store"], "tokens": 600, "shard_tokens": 256}
+    store = tmp_path / "store"
+    assert run("get_activations.py", params, tmp_path).returncode == 0
+    (store / "meta.json").write_text("{broken")
+    refused = run("get_activations.py", params, tmp_path)
+    assert_one_line_error(refused, r"meta.json: activation store metadata is not valid JSON at line 1, column 2")
+    repaired = run("get_activations.py", params, tmp_path, "--overwrite")
+    assert repaired.returncode == 0, repaired.stderr
+    (store / "shard_00001.safetensors").unlink()
+    assert_one_line_error(
+        run("get_activations.py", params, tmp_path),
+        r"store is incomplete: missing shard_00001.safetensors; run get_activations.py --overwrite",
+    )
+    assert run("get_activations.py", params, tmp_path, "--overwrite").returncode == 0
+    assert json.loads((store / "meta.json").read_text())["tokens"] == 600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("store")) == ["store"]
+
+    with output_lock(store, "activation store"):
+        busy = run("get_activations.py", params, tmp_path, "--overwrite")
+    assert_one_line_error(busy, rf"^error: activation store {store} is in use by process {os.getpid()} \(a running ")
+    (tmp_path / "file").write_text("x")
+    not_a_folder = run("get_activations.py", params, tmp_path, "--out", str(tmp_path / "file"))
+    assert_one_line_error(not_a_folder, r"^error: activation store: .*/file is a file; name a folder$")
+
+
+@pytest.mark.parametrize("tokens", ["-5", "0", "many"])
+def test_a_token_count_that_is_not_positive_is_refused(tmp_path, tokens):
+    result = run("get_activations.py", {}, tmp_path, "--tokens", tokens)
+    assert_one_line_error(
+        result, rf"^error: argument --tokens: expected a positive integer, found '{tokens}' \(see get_activations.py"
+    )

@@ -380,6 +380,11 @@ def test_script_writes_tables_plots_and_json(tmp_path, tiny_checkpoint_with_text
             {"dictionary": "nowhere"},
             r"^error: sparsity\.dictionary: no dictionary at nowhere .*set sparsity\.dictionary",
         ),
+        ({"save_pruned": "params.json"}, r"^error: sparsity\.save_pruned: params.json is a file; name a folder$"),
+        (
+            {"output_dir": "params.json/{model}", "dictionary": None},
+            r"^error: sparsity\.output_dir: params.json/model cannot be made: params.json is a file; name a folder$",
+        ),
     ],
 )
 def test_bad_sparsity_settings_are_one_line_errors(tmp_path, tiny_checkpoint_with_text, sparsity, message):

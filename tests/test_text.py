@@ -63,3 +63,9 @@ def test_long_documents_are_tokenised_in_pieces_with_the_same_tokens():
     whole = tokenizer(document, add_special_tokens=False)["input_ids"]
     pieced = [t for p in pieces for t in tokenizer(p, add_special_tokens=False)["input_ids"]]
     assert pieced == whole
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_one_line(tmp_path):
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps(["two"]) + "\n")
+    with pytest.raises(UserError, match=r"b.jsonl:2: expected a JSON object per line, found list$"):
+        list(iter_documents(DataParams(source="files", path=str(tmp_path / "b.jsonl"))))

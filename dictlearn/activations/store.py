@@ -7,19 +7,20 @@ and a ``meta.json`` (model, hook, d_in, dtype, tokens, context size, shards). Th
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dictlearn.activations.harvest import ActivationChunk
 from dictlearn.errors import UserError
+from dictlearn.files import make_folder, read_json, read_safetensors, write_json
 
 META = "meta.json"
+REHARVEST = "run get_activations.py --overwrite to harvest it again"
 
 
 def harvest_identity(params, hook_name: str, d_in: int) -> dict:
@@ -44,8 +45,9 @@ class StoreWriter:
     def __init__(self, path: str | Path, meta: dict, shard_tokens: int, dtype: torch.dtype = torch.float32):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.partial.mkdir(parents=True)
+        # A partial folder here is a killed run's; the caller holds the store's output_lock, so no live writer's.
+        remove_partial(self.partial)
+        make_folder(self.partial, "activation store")
         self.meta = dict(meta)
         self.dtype = dtype
         self.blocks = [
@@ -97,7 +99,7 @@ class StoreWriter:
         self.bytes = sum((self.partial / shard["file"]).stat().st_size for shard in self.shards)
         meta = {**self.meta, "dtype": str(self.dtype).removeprefix("torch."), "tokens": self.tokens}
         meta["shards"] = self.shards
-        (self.partial / META).write_text(json.dumps(meta, indent=2))
+        write_json(self.partial / META, meta)
         if self.path.exists():
             shutil.rmtree(self.path)
         self.partial.rename(self.path)
@@ -105,7 +107,14 @@ class StoreWriter:
 
     def abort(self) -> None:
         self._writer.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self.partial, ignore_errors=True)
+        remove_partial(self.partial)
+
+
+def remove_partial(partial: Path) -> None:
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial)
+    elif partial.is_symlink() or partial.exists():
+        partial.unlink()
 
 
 class ActivationStore:
@@ -116,10 +125,15 @@ class ActivationStore:
         meta_path = self.path / META
         if not meta_path.is_file():
             raise UserError(f"no activation store at {self.path} (no {META}); run get_activations.py first")
-        self.meta = json.loads(meta_path.read_text())
-        missing = [s["file"] for s in self.meta["shards"] if not (self.path / s["file"]).is_file()]
+        self.meta = read_json(meta_path, "activation store metadata")
+        shards = self.meta.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(s, dict) and "file" in s for s in shards):
+            raise UserError(f"{meta_path}: activation store metadata has no list of shards; {REHARVEST}")
+        missing = [s["file"] for s in shards if not (self.path / s["file"]).is_file()]
         if missing:
-            raise UserError(f"activation store {self.path} is incomplete: missing {', '.join(missing[:3])}")
+            raise UserError(
+                f"activation store {self.path} is incomplete: missing {', '.join(missing[:3])}; {REHARVEST}"
+            )
 
     @property
     def d_in(self) -> int:
@@ -135,7 +149,7 @@ class ActivationStore:
     def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
         """Shards from number ``start`` on, one chunk each."""
         for shard in self.meta["shards"][start:]:
-            tensors = load_file(self.path / shard["file"])
+            tensors = read_safetensors(self.path / shard["file"], "activation store shard", ("acts", "token_ids"))
             yield ActivationChunk(tensors["acts"], tensors["token_ids"].long())
 
 

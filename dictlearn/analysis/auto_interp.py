@@ -9,7 +9,8 @@ some sampled at the latent's magnitude levels and some where the latent never fi
 activate it; the score is the fraction it gets right (0.5 is chance when the two groups are the same size).
 
 The client reads its key from the environment variable that params name and sends it as a bearer token; the key
-is never written anywhere. It spaces requests to the rate limit, gives each a timeout, and retries the failures
+is never written anywhere, and is replaced by ``***`` in every error and reply text we print or store (a server's
+error body may echo it back). It spaces requests to the rate limit, gives each a timeout, and retries the failures
 that may pass (unreachable, timeout, HTTP 429 and 5xx) after exponential back-off. A failure that persists, and
 one that will not pass (another HTTP error, a reply that is not a chat completion), is a ``UserError``.
 """
@@ -60,16 +61,24 @@ class ChatClient:
             now = self.next_start
         self.next_start = now + 1 / self.settings.requests_per_second
 
+    @property
+    def _key(self) -> str | None:
+        return os.environ.get(self.settings.api_key_env) or None
+
+    def redact(self, text: str) -> str:
+        """``text`` with the API key replaced by ``***``."""
+        return text.replace(self._key, "***") if self._key else text
+
     def _post(self, body: bytes) -> bytes:
         headers = {"Content-Type": "application/json"}
-        if key := os.environ.get(self.settings.api_key_env):
+        if key := self._key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
             return response.read()
 
     def _refusal(self, err: urllib.error.HTTPError) -> UserError:
-        detail = err.read().decode("utf-8", "replace").strip().replace("\n", " ")[:200]
+        detail = self.redact(err.read().decode("utf-8", "replace")).strip().replace("\n", " ")[:200]
         advice = (
             f"set the environment variable {self.settings.api_key_env} to a valid key"
             if err.code in (401, 403)
@@ -100,18 +109,25 @@ class ChatClient:
                     raise self._refusal(err) from None
                 failure = f"HTTP {err.code}"
             except urllib.error.URLError as err:
-                failure = str(err.reason)
+                failure = self.redact(str(err.reason))
             except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
-                failure = str(err) or type(err).__name__
+                failure = self.redact(str(err)) or type(err).__name__
         else:
             raise UserError(
                 f"analysis.auto_interp.base_url: no answer from {self.url} after {tries} tries ({failure}); "
                 "is the server running?"
             )
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"]
+            content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise UserError(f"analysis.auto_interp: the reply from {self.url} is not a chat completion") from None
+        if not isinstance(content, str):
+            # A reply cut by max_tokens, a refusal or a tool call can come with "content": null.
+            raise UserError(
+                f"analysis.auto_interp: the reply from {self.url} has no text (content is {json.dumps(content)}); "
+                "check analysis.auto_interp.model and max_reply_tokens"
+            )
+        return self.redact(content)
 
 
 EXPLAIN_SYSTEM = (

@@ -4,17 +4,27 @@ analysis metadata. SQLite, a file in the run folder, by default; MongoDB (pymong
 ``mongo_uri``, with the same records, as OpenMOSS Language-Model-SAEs keeps its analyses. Writes are upserts
 keyed by (dictionary, latent), so re-running an analysis updates records and never duplicates them; an
 analysis leaves an explanation in place, and an explanation leaves the analysis.
+
+A dictionary is keyed by its weights (``dictionary_fingerprint``), not its path: a copied or renamed dictionary
+reads its own analysis, two runs with alike paths never share records, and a dictionary retrained into the same
+folder is a new key, whose first analysis deletes the old one's records (explanations and scores included).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from dictlearn.errors import UserError
+from dictlearn.files import read_torch
+from dictlearn.formats.run_folder import AE_FILE
 from dictlearn.params import AnalysisParams
 
 # Fields an analysis writes, and those `analyze.py explain` writes; the nested ones are JSON text in SQLite.
@@ -66,16 +76,37 @@ CREATE TABLE IF NOT EXISTS latents (
 """
 
 
-def dictionary_key(folder: str | Path) -> str:
-    """A dictionary's name in the database: ``<model>/<hook>/<run>``, the last three parts of its folder."""
+def dictionary_name(folder: str | Path) -> str:
+    """A dictionary's name for people: ``<model>/<hook>/<run>``, the last three parts of its folder."""
     return "/".join(Path(folder).resolve().parts[-3:])
+
+
+def dictionary_fingerprint(source: str | Path | Mapping[str, torch.Tensor]) -> str:
+    """A dictionary's key in the database: ``sha256:<hex>`` over its state dict (each entry's name, dtype, shape
+    and bytes, in sorted name order). ``source`` is the state dict, the weights file, or the dictionary folder.
+
+    Hashing tensors rather than the file's bytes keeps the key when the same weights are saved again."""
+    if not isinstance(source, Mapping):
+        path = Path(source)
+        source = read_torch(path / AE_FILE if path.is_dir() else path, "dictionary weights")
+    digest = hashlib.sha256()
+    for name in sorted(source):
+        value = source[name]
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)  # view() needs a dimension
+            digest.update(f"{name}\0{tensor.dtype}\0{tuple(value.shape)}\0".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())  # bytes: bfloat16 has no numpy type
+        else:
+            digest.update(f"{name}\0{value!r}\0".encode())
+    return "sha256:" + digest.hexdigest()
 
 
 class FeatureStore(Protocol):
     location: str
 
     def write_analysis(self, dictionary: str, meta: dict, records: list[dict], windows: dict[int, list[str]]) -> None:
-        """Upsert the analysis fields of ``records`` and replace the dictionary's metadata and windows."""
+        """Upsert the analysis fields of ``records`` and replace the dictionary's metadata and windows; delete
+        the analyses of other dictionaries whose ``meta["folder"]`` is this one's (a retrain into the folder)."""
 
     def set_explanation(self, dictionary: str, latent: int, fields: dict) -> None:
         """Write ``EXPLANATION_FIELDS`` of one latent."""
@@ -114,6 +145,12 @@ class SQLiteStore:
             for r in records
         ]
         with self.connection:
+            replaced = self.connection.execute(
+                "SELECT dictionary FROM analyses WHERE json_extract(meta, '$.folder') = ? AND dictionary != ?",
+                (meta.get("folder"), dictionary),
+            ).fetchall()
+            for table in ("analyses", "windows", "latents"):
+                self.connection.executemany(f"DELETE FROM {table} WHERE dictionary = ?", replaced)
             self.connection.execute(
                 "INSERT INTO analyses (dictionary, meta) VALUES (?, ?) "
                 "ON CONFLICT (dictionary) DO UPDATE SET meta = excluded.meta",
@@ -204,6 +241,11 @@ class MongoStore:
     def write_analysis(self, dictionary: str, meta: dict, records: list[dict], windows: dict[int, list[str]]) -> None:
         from pymongo import UpdateOne
 
+        if meta.get("folder") is not None:
+            same_folder = {"meta.folder": meta["folder"], "dictionary": {"$ne": dictionary}}
+            replaced = [document["dictionary"] for document in self.db.analyses.find(same_folder)]
+            for collection in (self.db.analyses, self.db.windows, self.db.latents):
+                collection.delete_many({"dictionary": {"$in": replaced}})
         self.db.analyses.replace_one({"dictionary": dictionary}, {"dictionary": dictionary, "meta": meta}, upsert=True)
         self.db.windows.delete_many({"dictionary": dictionary})
         if windows:
@@ -270,9 +312,13 @@ def open_feature_store(settings: AnalysisParams, create: bool) -> FeatureStore:
     return SQLiteStore(path)
 
 
-def stored_analysis(store: FeatureStore, dictionary: str) -> dict:
-    """The metadata of ``dictionary``'s analysis; a store without one is refused."""
+def stored_analysis(store: FeatureStore, dictionary: str, folder: str | Path) -> dict:
+    """The metadata of the analysis of ``dictionary`` (the fingerprint of the weights in ``folder``); a store
+    without one is refused, as after a retrain into the folder."""
     meta = store.meta(dictionary)
     if meta is None:
-        raise UserError(f"{store.location} holds no analysis of {dictionary}; run `analyze.py run` first")
+        raise UserError(
+            f"{store.location} holds no analysis of the dictionary now in {folder} (weights {dictionary[:19]}); "
+            "run `analyze.py run` first"
+        )
     return meta

@@ -9,14 +9,12 @@ config, which layout ``ae.pt`` has, hooks) and the resolved params, so every res
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.files import torch_save, write_json
+from dictlearn.files import read_json, read_torch, torch_save, write_json
 from dictlearn.formats.dictionary_learning import from_dictionary_learning, holds_exactly, to_dictionary_learning
 from dictlearn.params import Params
 from dictlearn.sae.base import SparseAutoencoder
@@ -24,6 +22,11 @@ from dictlearn.sae.registry import sae_from_state_dict
 
 AE_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+# Everything a training run writes into its folder: what --overwrite removes (and nothing else).
+RUN_FILES = (AE_FILE, CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, EVAL_FILE, "loss.png", "sparsity.png", "density.png")
 # config.json's section of our own, beside dictionary_learning's "trainer" and "buffer".
 SAE_SECTION = "sae"
 PARAMS_SECTION = "dictlearn"
@@ -61,6 +64,25 @@ def run_folder(params: Params, model_short_name: str, hook_name: str, d_in: int)
     """``<output_dir>/<model>/<hook>/<run name>/``."""
     name = params.train.run_name or default_run_name(params, num_latents_of(params, d_in))
     return Path(params.train.output_dir) / model_short_name / hook_name / name
+
+
+def claim_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over another run's results: a folder holding a finished dictionary or a checkpoint is
+    only trained into with ``--resume`` (a checkpoint) or ``--overwrite`` (which removes that run's files)."""
+    finished, checkpoint = (folder / AE_FILE).is_file(), (folder / CHECKPOINT_FILE).is_file()
+    if overwrite:
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+        return
+    if finished and not checkpoint:
+        raise UserError(
+            f"{folder} already holds a trained dictionary; evaluate.py --dictionary {folder} reads it, "
+            "--overwrite trains it again, or set train.run_name for a run of its own"
+        )
+    if checkpoint and not resume:
+        raise UserError(
+            f"{folder} holds the checkpoint of an unfinished run; --resume continues it, --overwrite starts over"
+        )
 
 
 def dictionary_config(
@@ -127,33 +149,6 @@ def save_dictionary(folder: Path, sae: SparseAutoencoder, config: dict) -> None:
     write_json(folder / CONFIG_FILE, config)
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{folder / CONFIG_FILE}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {folder / CONFIG_FILE}: {err}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{folder / CONFIG_FILE}: expected a JSON object, found a {type(config).__name__}")
-    return config
-
-
-def _read_state_dict(path: Path, device) -> dict:
-    try:
-        state_dict = torch.load(path, map_location=device if device is not None else "cpu", weights_only=True)
-    except Exception:
-        raise UserError(
-            f"cannot read dictionary file {path}: not a state dict of tensors saved with torch.save "
-            "(truncated, corrupt, or holding pickled objects)"
-        ) from None
-    if not isinstance(state_dict, dict):
-        raise UserError(
-            f"{path}: expected a state dict (a mapping of names to tensors), found {type(state_dict).__name__}"
-        )
-    return state_dict
-
-
 def load_dictionary(folder: str | Path, device: torch.device | str = "cpu") -> tuple[SparseAutoencoder, dict]:
     """Read ``ae.pt`` and ``config.json`` from a run folder: ours (its ``sae`` section says the layout) or
     dictionary_learning's (its ``trainer.dict_class`` names the class)."""
@@ -162,8 +157,14 @@ def load_dictionary(folder: str | Path, device: torch.device | str = "cpu") -> t
         raise UserError(f"no dictionary at {folder}: {AE_FILE} is missing; train one with training_script.py")
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(f"dictionary {folder} has no {CONFIG_FILE}; it says which model and hook it was trained on")
-    config = _read_config(folder)
-    state_dict = _read_state_dict(folder / AE_FILE, device)
+    config = read_json(folder / CONFIG_FILE, "dictionary config")
+    state_dict = read_torch(
+        folder / AE_FILE, "dictionary weights", map_location=device if device is not None else "cpu"
+    )
+    if not isinstance(state_dict, dict):
+        raise UserError(
+            f"{folder / AE_FILE}: expected a state dict (names to tensors), found {type(state_dict).__name__}"
+        )
     ours = config.get(SAE_SECTION)
     trainer = config.get("trainer")
     if isinstance(ours, dict) and ours.get("layout") == "dictlearn":

@@ -9,6 +9,7 @@ each architecture's modules. dictionary_learning's folder names (``resid_out_lay
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import re
@@ -25,6 +26,8 @@ from dictlearn.params import EMBEDDED_MODEL, ModelParams
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("DICTLEARN_CACHE", REPO_ROOT / "data" / "cache"))
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How long the one probe of the Hugging Face hub waits before loading from the local cache alone.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -293,12 +296,38 @@ def model_source(name: str) -> str:
     return name
 
 
+@functools.cache
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub at ``endpoint`` cannot be reached, or None when it answers (any HTTP status).
+
+    One HEAD request with a short timeout, made once per process: without it an unreachable hub costs about
+    30 s of retries (huggingface_hub backs off five times per file) and a dozen warning lines before the load
+    fails. The request goes through huggingface_hub's own session, so its proxy settings apply."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # any transport failure (DNS, refused, timeout, TLS) means the same to us
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
+
+
+def hub_options(name: str) -> dict:
+    """``from_pretrained`` options for ``name``: ``local_files_only`` for a hub name when the hub cannot be
+    reached, so a cached model still loads and one that is not cached fails at once."""
+    from huggingface_hub import constants
+
+    if name == EMBEDDED_MODEL or Path(name).exists() or constants.HF_HUB_OFFLINE:
+        return {}
+    return {"local_files_only": True} if hub_unreachable(constants.ENDPOINT) else {}
+
+
 def load_config(params: ModelParams):
     """The model's config alone (cheap), so hooks can be checked before any weights load."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_source(params.name))
+        return AutoConfig.from_pretrained(model_source(params.name), **hub_options(params.name))
     except (OSError, ValueError) as err:
         raise UserError(_load_failure(params.name, err)) from None
 
@@ -306,6 +335,14 @@ def load_config(params: ModelParams):
 def _load_failure(name: str, err: Exception) -> str:
     if Path(name).exists():
         return f"model.name: {name!r} is a local path but not a transformers checkpoint ({err.__class__.__name__})"
+    if hub_options(name):
+        from huggingface_hub import constants
+
+        return (
+            f"model.name: could not load {name!r}: not a local folder, not in the local Hugging Face cache, and "
+            f"the hub at {constants.ENDPOINT} cannot be reached ({hub_unreachable(constants.ENDPOINT)[:120]}); "
+            f"use '{EMBEDDED_MODEL}' to run offline"
+        )
     reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
     return (
         f"model.name: could not load {name!r}: not a local folder, and the Hugging Face hub has no such model "
@@ -319,10 +356,10 @@ def load_language_model(params: ModelParams) -> LanguageModel:
 
     device = resolve_device(params)
     dtype = resolve_dtype(params, device)
-    source = model_source(params.name)
+    source, options = model_source(params.name), hub_options(params.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
     except (OSError, ValueError) as err:
         raise UserError(_load_failure(params.name, err)) from None
     architecture_of(model.config)

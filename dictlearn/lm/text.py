@@ -51,6 +51,8 @@ def _documents_in_file(path: Path, text_column: str) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     raise UserError(f"{path}:{number}: not a JSON object per line") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}:{number}: expected a JSON object per line, found {type(record).__name__}")
                 if text_column not in record:
                     raise UserError(f"{path}:{number}: no field {text_column!r} (set data.text_column)")
                 yield str(record[text_column])

@@ -58,7 +58,7 @@ def latent_report(record: dict, windows: dict[int, list[str]], meta: dict, befor
             f"  {v['activation']:7.3g}  " + marked_context(v["tokens"], v["acts"], scale, colour=False) for v in views
         ]
 
-    out = [f"latent {record['latent']} of {record['dictionary']} ({meta['tokens_scanned']:,} tokens scanned)"]
+    out = [f"latent {record['latent']} of {meta['dictionary']} ({meta['tokens_scanned']:,} tokens scanned)"]
     if record["fired_tokens"]:
         histogram = record["histogram"]
         used = len(sparkline(histogram["counts"]))

@@ -20,13 +20,11 @@ import torch
 
 from dictlearn.activations.buffer import ShuffledBuffer
 from dictlearn.errors import UserError
-from dictlearn.files import atomic_write, torch_save
+from dictlearn.files import atomic_write, read_torch, torch_save
+from dictlearn.formats.run_folder import CHECKPOINT_FILE, METRICS_FILE
 from dictlearn.params import Params
 from dictlearn.sae.base import EventContext, Objective, SparseAutoencoder, SparseCodes, StepContext
 from dictlearn.training.step import train_step
-
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 def default_dead_tokens(train_tokens: int) -> int:
@@ -84,6 +82,17 @@ class DeadLatentTracker:
         self.tokens_since_fired_F.copy_(state["tokens_since_fired"])
 
 
+# Params that may differ on --resume: a diverged run resumes from its last good checkpoint with a lower
+# learning rate; logging and checkpoint intervals do not change what is computed.
+RESUMABLE_CHANGES = {"train.lr", "train.max_grad_norm", "train.checkpoint_every", "train.log_every"}
+
+# A step whose FVU is above this is 10x worse than predicting the mean (FVU 1); this many such steps in a row
+# is a run that has left the basin, not a noisy batch. Early TopK steps from the geometric-median init start
+# near FVU 1 and only fall (the default run's first logged FVU is below 1).
+DIVERGED_FVU = 10.0
+DIVERGED_STEPS = 10
+
+
 def _changed_fields(before: dict, after: dict, prefix: str = "") -> list[str]:
     """'section.key: old -> new' for every field that differs between two params dumps."""
     changed = []
@@ -137,6 +146,7 @@ class Trainer:
         # Activations are divided by this before the SAE sees them (1.0 unless the objective normalises).
         self.input_scale = 1.0
         self.step = 0
+        self.bad_steps = 0  # consecutive steps with a blown-up FVU (see DIVERGED_FVU)
         self.tokens = 0
         self.metrics: list[dict] = []
         self.last_checkpoint_step: int | None = None
@@ -164,24 +174,58 @@ class Trainer:
         )
         self.last_checkpoint_step = self.step
 
-    def load_checkpoint(self) -> None:
-        if not self.checkpoint_path.is_file():
-            raise UserError(f"--resume: no checkpoint at {self.checkpoint_path}; start the run without --resume")
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+    def load_checkpoint(self) -> list[str]:
+        """Restore everything from the checkpoint; returns notes for the user (what changed and is allowed to:
+        the learning rate, clipping and logging intervals; a different thread count)."""
+        state = read_torch(self.checkpoint_path, "training checkpoint")
+        if not isinstance(state, dict) or not {"params", "sae", "optimizer", "buffer", "step"} <= set(state):
+            raise UserError(f"{self.checkpoint_path}: not a training checkpoint; start over with --overwrite")
         changed = _changed_fields(state["params"], self.params.model_dump(mode="json"))
-        if changed:
+        refused = [change for change in changed if change.split(":")[0] not in RESUMABLE_CHANGES]
+        if refused:
             raise UserError(
-                f"--resume: params changed since the checkpoint ({'; '.join(changed[:3])}); "
-                "resume with the params the run started with, or start over without --resume"
+                f"--resume: params changed since the checkpoint ({'; '.join(refused[:3])}); only "
+                f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume: restore the others, "
+                "or start over with --overwrite"
             )
-        self.sae.load_state_dict(state["sae"])
+        notes = [f"note: resuming with {change}" for change in changed]
+        threads = state.get("threads")
+        if threads is not None and threads != torch.get_num_threads():
+            notes.append(
+                f"note: the checkpoint was written with {threads} threads and this run has "
+                f"{torch.get_num_threads()}; a resumed run equals an uninterrupted one exactly only at the same "
+                "thread count (set DICTLEARN_THREADS)"
+            )
+        try:
+            self.sae.load_state_dict(state["sae"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(
+                f"{self.checkpoint_path} does not fit this SAE ({err}); start over with --overwrite"
+            ) from None
         self.input_scale = state["input_scale"]
-        self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.buffer.load_state_dict(state["buffer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.tokens, self.metrics = state["step"], state["tokens"], state["metrics"]
         self.last_checkpoint_step = self.step
+        return notes
+
+    def progress_without_checkpoint(self) -> str:
+        """What a --resume finds when the run stopped before its first checkpoint (from metrics.jsonl)."""
+        reached = 0
+        metrics = self.folder / METRICS_FILE
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                try:
+                    reached = max(reached, int(json.loads(line)["step"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        got = f"the run got to step {reached} of {self.total_steps}" if reached else "the run logged no step"
+        return (
+            f"note: nothing to resume in {self.folder}: {got} before its first checkpoint (every "
+            f"{self.params.train.checkpoint_every} steps); starting over"
+        )
 
     def _write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the records held (at the start of a run, or from a checkpoint's)."""
@@ -233,6 +277,22 @@ class Trainer:
             self.sae.fold_input_scale_(self.input_scale)
             self.input_scale = 1.0
 
+    def _divergence_message(self, loss: float, fvu: float) -> str:
+        first_bad = self.step - self.bad_steps + 1
+        what = (
+            f"loss {loss}"
+            if not math.isfinite(loss)
+            else f"FVU {fvu:.3g} (above {DIVERGED_FVU:g} since step {first_bad})"
+        )
+        if self.last_checkpoint_step is not None:
+            where = (
+                f"the last good checkpoint is step {self.last_checkpoint_step} ({self.checkpoint_path}): "
+                "lower train.lr and run again with --resume"
+            )
+        else:
+            where = "no checkpoint was written: lower train.lr and run again with --overwrite"
+        return f"training diverged at step {self.step}: {what}; no ae.pt was written; {where}"
+
     def fit(self, on_step: Callable[[Trainer, dict], None] = lambda trainer, record: None) -> None:
         """Run until ``train.tokens`` or the end of the data; checkpoints every ``checkpoint_every`` steps."""
         train = self.params.train
@@ -249,16 +309,10 @@ class Trainer:
             out = train_step(
                 self.sae, self.objective, self.optimizer, x_BD, y_BD, ctx, max_grad_norm=train.max_grad_norm
             )
-            if not math.isfinite(out.loss):
-                kept = (
-                    f"the last good checkpoint (step {self.last_checkpoint_step}) is {self.checkpoint_path}"
-                    if self.last_checkpoint_step is not None
-                    else "no checkpoint was written yet"
-                )
-                raise UserError(
-                    f"training diverged: loss is {out.loss} at step {self.step}; {kept}; "
-                    "lower train.lr or check the activations for inf/nan"
-                )
+            fvu = out.terms["fvu"]
+            self.bad_steps = self.bad_steps + 1 if fvu > DIVERGED_FVU or not math.isfinite(fvu) else 0
+            if not math.isfinite(out.loss) or self.bad_steps >= DIVERGED_STEPS:
+                raise UserError(self._divergence_message(out.loss, fvu))
             self.tracker.update(out.codes)
             self.step += 1
             self.tokens += len(rows_BW)
@@ -279,6 +333,6 @@ class Trainer:
                 self.tracker.revive(event.get("resampled_latents"))
             if self.step % train.log_every == 0 or self.step == self.total_steps or event:
                 self._append_metrics(record)
-            if self.step % train.checkpoint_every == 0:
+            if self.step % train.checkpoint_every == 0 and self.bad_steps == 0:
                 self.save_checkpoint()
             on_step(self, record)
