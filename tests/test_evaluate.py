@@ -211,3 +211,99 @@ def test_absorption_finds_the_planted_absorbing_latent():
     assert b["main_latents"] == [1] and b["absorbed"] == 0
     assert result["probe_accuracy"] > 0.99
     assert result["absorption_rate"] == pytest.approx(a["absorption_rate"] / 3)
+
+
+def eval_params(model, corpus, **data):
+    from dictlearn.params import parse_params
+
+    return parse_params(
+        {
+            "model": {"name": str(model), "device": "cpu"},
+            "data": {"source": "files", "path": str(corpus), "context_size": 16, "held_out_every": 4, **data},
+            "hook": "blocks.1.hook_resid_post",
+            "eval": {"evaluate_tokens": 10**6, "evaluate_lm_loss_tokens": 150, "absorption_words": 50, "batch_size": 4},
+        }
+    )
+
+
+def test_evaluate_dictionary_uses_the_held_out_text_there_is(tiny_checkpoint_with_text):
+    from dictlearn.evaluation.evaluate import evaluate_dictionary, full_size
+    from dictlearn.lm.models import load_language_model
+
+    model, corpus = tiny_checkpoint_with_text
+    params = eval_params(model, corpus)
+    lm = load_language_model(params.model)
+    hook = resolve_hook(lm.config, params.hook)
+    bars = []
+
+    class Bar:
+        def __init__(self, description, total):
+            bars.append([description, total, 0])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            bars[-1][2] += n
+
+    result = evaluate_dictionary(lm, hook, identity_sae(32), params, full_size(params), Bar)
+    assert 0 < result["tokens"] < 10**6 and result["tokens_asked"] == 10**6
+    assert result["lm_loss_tokens"] == 12 * 15  # 150 tokens -> 10 windows of 15, rounded up to whole batches of 4
+    assert result["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert math.isnan(result["absorption_rate"])  # a word-level toy vocabulary has no " word" tokens
+    assert bars[0][0].startswith("held-out pass") and bars[0][2] == result["tokens"]
+    assert set(result["seconds"]) == {"held_out_pass", "similarity", "absorption"}
+
+
+def test_no_held_out_text_is_one_line(tiny_checkpoint_with_text):
+    from dictlearn.errors import UserError
+    from dictlearn.evaluation.evaluate import evaluate_dictionary, full_size
+    from dictlearn.lm.models import load_language_model
+
+    model, corpus = tiny_checkpoint_with_text
+    params = eval_params(model, corpus, context_size=64, held_out_every=10**6)
+    lm = load_language_model(params.model)
+    with pytest.raises(UserError, match=r"held-out text .* has no text tokens to evaluate on; give more text"):
+        evaluate_dictionary(lm, resolve_hook(lm.config, params.hook), identity_sae(32), params, full_size(params))
+
+
+def test_finding_and_naming_dictionaries(tmp_path):
+    from dictlearn.errors import UserError
+    from dictlearn.evaluation.compare import architecture_of, dictionary_label, find_dictionaries
+
+    for run in ("sweep/a", "sweep/b/deeper"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "ae.pt").write_bytes(b"")
+    found = find_dictionaries([str(tmp_path / "sweep"), str(tmp_path / "sweep" / "a")])
+    assert found == [tmp_path / "sweep" / "a", tmp_path / "sweep" / "b" / "deeper"]
+    with pytest.raises(UserError, match="no ae.pt in .* or any folder below it"):
+        (tmp_path / "empty").mkdir()
+        find_dictionaries([str(tmp_path / "empty")])
+    with pytest.raises(UserError, match="is not a folder"):
+        find_dictionaries([str(tmp_path / "missing")])
+    assert architecture_of({"trainer": {"dict_class": "AutoEncoderTopK"}}) == "topk"
+    assert architecture_of({"trainer": {"dict_class": "JumpReluAutoEncoder"}}) == "jumprelu"
+    assert architecture_of({"dictlearn": {"sae": {"architecture": "batchtopk"}}, "trainer": {}}) == "batchtopk"
+    assert architecture_of({}) == "topk"
+    assert dictionary_label({"trainer": {"k": 32}}, 4608) == "topk 4608 k32"
+
+
+def test_comparison_table_and_pareto_plots(tmp_path):
+    from dictlearn.evaluation.compare import comparison_record
+    from dictlearn.report.evaluation_report import _pareto_front, comparison_table, plot_pareto
+
+    results = {
+        "runs/a": {"label": "topk 512 k8", "l0": 8.0, "explained_variance": 0.7, "ce_loss_score": 0.9},
+        "runs/b": {"label": "relu 512", "l0": 30.0, "explained_variance": 0.8, "ce_loss_score": 0.85},
+    }
+    record = comparison_record(results)
+    assert record["runs/a"]["kl_div_score"] is None and record["runs/b"]["l0"] == 30.0
+    rows, headers = comparison_table(record)
+    assert headers[:3] == ["dictionary", "label", "L0"] and rows[1][:3] == ["runs/b", "relu 512", "30.0"]
+    assert plot_pareto(record, tmp_path) == ["pareto_explained_variance.png", "pareto_ce_loss_score.png"]
+    assert (tmp_path / "pareto_ce_loss_score.png").stat().st_size > 1000
+    assert _pareto_front([(8, 0.9), (30, 0.85), (50, 0.95)]) == [(8, 0.9), (50, 0.95)]

@@ -10,6 +10,7 @@ The result's keys are SAEBench core's output names (``explained_variance``, ``ce
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
@@ -265,6 +266,7 @@ def evaluate_dictionary(
     excluded = (
         special_token_ids(lm.tokenizer) if params.buffer.exclude_special_tokens else torch.empty(0, dtype=torch.long)
     )
+    started = time.perf_counter()
     with progress("held-out pass (reconstruction, LM loss, KL)", num_windows * per_window) as bar:
         try:
             result = held_out_pass(
@@ -284,21 +286,30 @@ def evaluate_dictionary(
                 "to evaluate on; give more text or a smaller data.held_out_every"
             ) from None
     result["tokens_asked"], result["lm_loss_tokens_asked"] = size.tokens, size.lm_loss_tokens
+    seconds = {"held_out_pass": time.perf_counter() - started}
+    started = time.perf_counter()
     with progress("decoder and encoder similarity", 2) as bar:
         result["average_max_decoder_cosine_sim"] = mean_max_cosine_similarity(sae.W_dec)
         bar.update(1)
         result["average_max_encoder_cosine_sim"] = mean_max_cosine_similarity(sae.W_enc)
         bar.update(1)
+    seconds["similarity"] = time.perf_counter() - started
     if size.absorption_words:
+        started = time.perf_counter()
         result["absorption"] = absorption(lm, hook, sae, size.absorption_words, params.eval.batch_size * 8, progress)
         result["absorption_rate"] = result["absorption"]["absorption_rate"]
         result["mean_num_split_features"] = result["absorption"]["mean_num_split_features"]
+        seconds["absorption"] = time.perf_counter() - started
+    result["seconds"] = seconds
     return result
 
 
 def absorption(lm: LanguageModel, hook: HookPoint, sae, max_words: int, batch_size: int, progress: Progress) -> dict:
-    """First-letter absorption (absorption.py) on up to ``max_words`` words of the model's vocabulary."""
+    """First-letter absorption (absorption.py) on up to ``max_words`` words of the model's vocabulary; NaN
+    rates when the vocabulary has under 100 such words (a toy tokenizer), too few to train the probe."""
     word_ids, words = vocabulary_words(lm.tokenizer, max_words)
+    if len(words) < 100:
+        return {"absorption_rate": nan, "mean_num_split_features": nan, "absorption_words": len(words)}
     with progress("absorption: word activations", len(word_ids)) as bar:
         acts_ND = word_activations(lm, hook, word_ids, batch_size, bar.update)
 
