@@ -307,3 +307,20 @@ def test_comparison_table_and_pareto_plots(tmp_path):
     assert plot_pareto(record, tmp_path) == ["pareto_explained_variance.png", "pareto_ce_loss_score.png"]
     assert (tmp_path / "pareto_ce_loss_score.png").stat().st_size > 1000
     assert _pareto_front([(8, 0.9), (30, 0.85), (50, 0.95)]) == [(8, 0.9), (50, 0.95)]
+
+
+def test_tracking_is_a_no_op_by_default_and_says_how_to_install(monkeypatch, tmp_path):
+    import sys
+
+    from dictlearn.errors import UserError
+    from dictlearn.params import parse_params
+    from dictlearn.report.tracking import NoTracking, start_tracking
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, as where it is not installed
+    tracker = start_tracking(parse_params({}), tmp_path)
+    assert type(tracker) is NoTracking
+    tracker.log({"fvu": 0.1}, step=1)
+    tracker.summary({"fvu": 0.1})
+    tracker.finish()
+    with pytest.raises(UserError, match="wandb is not installed; pip install wandb"):
+        start_tracking(parse_params({"train": {"wandb": {"project": "sae"}}}), tmp_path)
