@@ -1,40 +1,75 @@
-"""Evaluate a saved dictionary on held-out text: FVU, L0, dead fraction, LM loss recovered.
+"""Evaluate saved dictionaries on held-out text to SAEBench's core standard, and compare them.
 
-    python evaluate.py --dictionary dictionaries/<model>/<hook>/<run> [--params params.json]
+    python evaluate.py --dictionary dictionaries/<model>/<hook>/<run> [--dictionary ...] [--out DIR]
+    python evaluate.py --dictionary dictionaries/<model>  --out DIR      (every run folder below it)
 
-The model and hook come from the dictionary's config.json; params give the data and the eval settings.
+Each dictionary's model and hook come from its config.json; params give the data and the eval sizes
+(eval.evaluate_tokens, eval.evaluate_lm_loss_tokens, eval.absorption_words). Writes eval.json and density.png
+beside each ae.pt; with --out (or several dictionaries) also DIR/comparison.json and Pareto plots.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dictlearn.analysis.dictionary_on_model import open_dictionary
+from tqdm import tqdm
+
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
-from dictlearn.errors import run_script
-from dictlearn.evaluation.evaluate import evaluate_dictionary
+from dictlearn.errors import UserError, run_script
+from dictlearn.evaluation.compare import comparison_record, dictionaries_on_models, dictionary_label, find_dictionaries
+from dictlearn.evaluation.evaluate import evaluate_dictionary, full_size
 from dictlearn.files import write_json
 from dictlearn.lm.text import check_source
 from dictlearn.params import load_params
-from dictlearn.report.common import evaluation_rows, plot_density_histogram, print_table
+from dictlearn.report.common import plot_density_histogram, print_table
+from dictlearn.report.evaluation_report import comparison_table, evaluation_rows, plot_pareto
+
+
+def progress(description: str, total: int):
+    return tqdm(desc=description, total=total, leave=False)
 
 
 def main() -> None:
     parser = argument_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--dictionary", required=True, help="folder holding ae.pt and config.json")
+    parser.add_argument(
+        "--dictionary", action="append", required=True, help="run folder (ae.pt + config.json) or a folder above runs"
+    )
+    parser.add_argument("--out", help="folder for comparison.json and the Pareto plots")
     args = parser.parse_args()
     threads_from_env()
     quiet_transformers()
     params = load_params(args.params)
     check_source(params.data)
-    folder = Path(args.dictionary)
-    opened = open_dictionary(params, folder)
-    if opened.note:
-        print(opened.note)
-    result = evaluate_dictionary(opened.lm, opened.hook, opened.sae, opened.params)
-    plot_density_histogram(result.pop("density").numpy(), folder)
-    write_json(folder / "eval.json", result)
-    print_table(evaluation_rows(result), headers=["evaluation", str(folder)])
+    folders = find_dictionaries(args.dictionary)
+    if len(folders) > 1 and not args.out:
+        raise UserError(f"--out: {len(folders)} dictionaries to compare; name a folder for comparison.json")
+    results = {}
+    for folder, opened in dictionaries_on_models(params, folders):
+        if opened.note:
+            print(opened.note)
+        size = full_size(opened.params)
+        result = evaluate_dictionary(opened.lm, opened.hook, opened.sae, opened.params, size, progress)
+        result["label"] = dictionary_label(opened.sae)
+        plot_density_histogram(result.pop("density").numpy(), folder)
+        write_json(folder / "eval.json", result)
+        if result["tokens"] < size.tokens or result.get("lm_loss_tokens", size.lm_loss_tokens) < size.lm_loss_tokens:
+            print(
+                f"note: the held-out text gave {result['tokens']:,} tokens ({result.get('lm_loss_tokens', 0):,} with the "
+                f"LM loss), not the {size.tokens:,} ({size.lm_loss_tokens:,}) asked; more text or a smaller "
+                "data.held_out_every gives more"
+            )
+        timing = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in result["seconds"].items())
+        print(f"{folder}: {timing}")
+        if len(folders) == 1:
+            print_table(evaluation_rows(result), headers=["evaluation", str(folder)])
+        results[str(folder)] = result
+    record = comparison_record(results)
+    print_table(*comparison_table(record))
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "comparison.json", record)
+        plots = plot_pareto(record, out)
+        print(f"wrote {out / 'comparison.json'}" + "".join(f", {out / name}" for name in plots))
 
 
 if __name__ == "__main__":

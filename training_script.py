@@ -28,6 +28,7 @@ from dictlearn.formats.run_folder import (
 from dictlearn.lm.models import hook_width
 from dictlearn.locks import output_lock
 from dictlearn.report.common import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
+from dictlearn.report.tracking import start_tracking
 from dictlearn.sae.registry import architecture, build_objective, build_sae
 from dictlearn.training.trainer import Trainer
 
@@ -85,10 +86,12 @@ def train(params, lm, hook, folder, *, resume: bool) -> None:
     print(
         f"training a {params.sae.architecture} SAE, {num_latents} latents, on {params.model.name} {hook.name} -> {folder}"
     )
+    tracker = start_tracking(params, folder)
     start, start_tokens = time.perf_counter(), trainer.tokens
     with tqdm(total=trainer.total_steps * params.buffer.batch_size, initial=trainer.tokens, unit="tok") as bar:
 
         def show(trainer: Trainer, record: dict) -> None:
+            tracker.log(record, step=trainer.step)
             bar.update(record["tokens"] - bar.n)
             bar.set_postfix(
                 fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{100 * record['dead_fraction']:.1f}%"
@@ -105,6 +108,8 @@ def train(params, lm, hook, folder, *, resume: bool) -> None:
     plot_density_histogram(result.pop("density").numpy(), folder)
     result["train_tokens"], result["train_tokens_per_s"] = trainer.tokens, (trainer.tokens - start_tokens) / seconds
     write_json(folder / "eval.json", result)
+    tracker.summary(result)
+    tracker.finish()
     trainer.checkpoint_path.unlink(missing_ok=True)
     print_table(
         evaluation_rows(result) + [["training tokens/s", f"{result['train_tokens_per_s']:,.0f}"]],

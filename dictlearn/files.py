@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def read_torch(path: str | Path, what: str, map_location: torch.device | str = "
     except OSError as err:
         raise _unreadable(path, what, err) from None
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
+        # A torch.save archive is a zip; garbage also fails in the weights-only unpickler, so ask the container.
+        if "weights only" in str(err).lower() and zipfile.is_zipfile(path):
             raise UserError(
                 f"{path}: {what} holds Python objects other than tensors; refused, since loading them could run "
                 "code from the file"

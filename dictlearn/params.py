@@ -224,6 +224,14 @@ SAEParams = Annotated[
 ]
 
 
+class WandbParams(Section):
+    project: str = Field(description="Weights & Biases project the run is logged to.")
+    run_name: str | None = Field(None, description="Run name; default the run folder's name.")
+    mode: Literal["online", "offline"] = Field(
+        "offline", description="'offline' writes ./wandb for `wandb sync` later and needs no network."
+    )
+
+
 class TrainParams(Section):
     tokens: PositiveInt = Field(900_000, description="Training tokens (rows); the run also stops if text runs out.")
     source: Literal["live", "store"] = Field(
@@ -244,12 +252,31 @@ class TrainParams(Section):
     run_name: str | None = Field(
         None, description="Run folder name; default '<architecture>_<num_latents>_<k or penalty>'."
     )
+    wandb: WandbParams | None = Field(
+        None, description="Log training metrics to Weights & Biases (needs `pip install wandb`); null: off."
+    )
 
 
 class EvalParams(Section):
-    tokens: PositiveInt = Field(16384, description="Held-out tokens for FVU, L0 and dead fraction.")
+    tokens: PositiveInt = Field(
+        16384, description="Held-out tokens for reconstruction and sparsity in training_script.py's evaluation."
+    )
     lm_loss_windows: int = Field(
-        24, ge=0, description="Held-out windows for the LM loss with the reconstruction spliced in (0 skips it)."
+        24,
+        ge=0,
+        description="Held-out windows for the LM loss and KL with the reconstruction spliced in, in "
+        "training_script.py's evaluation (0 skips them).",
+    )
+    evaluate_tokens: PositiveInt = Field(
+        131_072,
+        description="Held-out tokens for reconstruction and sparsity in evaluate.py (SAEBench's core eval reads "
+        "about 400k); fewer if the held-out text runs out, and evaluate.py says so.",
+    )
+    evaluate_lm_loss_tokens: int = Field(
+        20_480, ge=0, description="Held-out tokens for the LM loss and KL in evaluate.py (0 skips them)."
+    )
+    absorption_words: int = Field(
+        8000, ge=0, description="Vocabulary words for evaluate.py's first-letter absorption (0 skips it)."
     )
     batch_size: PositiveInt = Field(8, description="Windows per forward during evaluation.")
 

@@ -94,14 +94,50 @@ def test_resume_with_changed_params_is_refused(tmp_path):
         changed.load_checkpoint()
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="--resume: no checkpoint at .*checkpoint.pt; start the run without --resume"):
-        make_trainer(make_params(), tmp_path).load_checkpoint()
+def test_resume_with_a_lower_lr_is_allowed_with_a_note(tmp_path):
+    trainer = make_trainer(make_params(), tmp_path)
+    trainer.save_checkpoint()
+    notes = make_trainer(make_params(lr=1e-5), tmp_path).load_checkpoint()
+    assert notes == ["note: resuming with train.lr: None -> 1e-05"]
+
+
+def test_resume_before_the_first_checkpoint_says_how_far_the_run_got(tmp_path):
+    first = make_trainer(make_params(checkpoint_every=50), tmp_path)
+
+    def kill_at_7(trainer, record):
+        if trainer.step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        first.fit(on_step=kill_at_7)
+    assert not first.checkpoint_path.exists()
+    message = make_trainer(make_params(checkpoint_every=50), tmp_path).progress_without_checkpoint()
+    assert message == (
+        f"note: nothing to resume in {tmp_path}: the run got to step 6 of 32 before its first checkpoint "
+        "(every 50 steps); starting over"
+    )
+
+
+def test_a_finite_blow_up_stops_before_anything_is_saved(tmp_path):
+    """lr 1000 sends the FVU to astronomical but finite values: caught after DIVERGED_STEPS steps above 10."""
+    trainer = make_trainer(make_params(checkpoint_every=2, warmup_fraction=0.0), tmp_path)
+    trainer.lr = 1000.0
+    trainer.sae.init_b_dec_(trainer.buffer.peek(512))
+    with pytest.raises(
+        UserError, match=r"training diverged at step \d+: FVU .* \(above 10 since step \d+\); no ae.pt"
+    ) as err:
+        trainer.fit()
+    assert "lower train.lr and run again with --" in str(err.value)
+    # No checkpoint is written once the FVU has blown up: the last one predates the first bad step.
+    assert trainer.last_checkpoint_step is None or trainer.last_checkpoint_step <= trainer.step - trainer.bad_steps
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
     trainer = make_trainer(make_params(checkpoint_every=2), tmp_path, poison=True)
-    with pytest.raises(UserError, match=r"training diverged: loss is (nan|inf) at step \d+; the last good checkpoint"):
+    with pytest.raises(
+        UserError,
+        match=r"training diverged at step \d+: loss (nan|inf); no ae.pt was written; the last good checkpoint is step",
+    ):
         trainer.fit()
     good = torch.load(trainer.checkpoint_path, weights_only=False)
     assert all(torch.isfinite(v).all() for v in good["sae"].values())

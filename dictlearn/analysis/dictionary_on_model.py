@@ -78,8 +78,15 @@ def dictionary_at_hook(params: Params, folder: str | Path, model_config=None) ->
     return DictionaryAtHook(params, hook, target_hook, sae, note)
 
 
-def open_dictionary(params: Params, folder: str | Path) -> DictionaryOnModel:
-    """``dictionary_at_hook``, then the language model, with the SAE moved to the model's device."""
-    opened = dictionary_at_hook(params, folder)
-    lm = load_language_model(opened.params.model)
+def open_dictionary(params: Params, folder: str | Path, lm: LanguageModel | None = None) -> DictionaryOnModel:
+    """``dictionary_at_hook``, then the language model (``lm`` when it is the dictionary's model already), with
+    the SAE moved to the model's device."""
+    opened = None
+    if lm is not None:
+        opened = dictionary_at_hook(params.with_overrides(model={"name": lm.name}), folder, lm.config)
+        if opened.params.model.name != lm.name:  # trained on another model: resolve against that one
+            opened = None
+    if opened is None:
+        opened = dictionary_at_hook(params, folder)
+        lm = load_language_model(opened.params.model)
     return DictionaryOnModel(opened.params, lm, opened.hook, opened.sae.to(lm.device), opened.note, opened.target_hook)
