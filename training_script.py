@@ -50,15 +50,15 @@ def main() -> None:
     if args.if_missing and (folder / AE_FILE).is_file():
         print(f"{folder} already holds a trained dictionary; python training_script.py --overwrite trains it again")
         return
+    buffer = training_buffer(params, lm, hook, store_path(params, lm, hook))  # refuses a missing store first
     with output_lock(folder, "run folder"):
         claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite)
-        train(params, lm, hook, folder, resume=args.resume)
+        train(params, lm, hook, folder, buffer, resume=args.resume)
 
 
-def train(params, lm, hook, folder, *, resume: bool) -> None:
+def train(params, lm, hook, folder, buffer, *, resume: bool) -> None:
     d_in = hook_width(lm.config, hook)
     num_latents = num_latents_of(params, d_in)
-    buffer = training_buffer(params, lm, hook, store_path(params, lm, hook))
     torch.manual_seed(params.train.seed)
     sae = build_sae(params.sae, d_in=d_in, d_out=None, num_latents=num_latents, device=lm.device)
     total_steps = max(1, params.train.tokens // params.buffer.batch_size)

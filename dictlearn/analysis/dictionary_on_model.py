@@ -50,9 +50,12 @@ def dictionary_at_hook(params: Params, folder: str | Path, model_config=None) ->
     sae, config = load_dictionary(folder)
     trained_model, trained_hook = trained_model_and_hook(config)
     model_name = params.model.name
+    # Only a model or hook the params file names itself is worth a note when the dictionary's differs.
+    model_named, hook_named = "name" in params.model.model_fields_set, "hook" in params.model_fields_set
     changes = []
     if trained_model and not same_model(trained_model, model_name):
-        changes.append(f"model {trained_model!r} (params: {model_name!r})")
+        if model_named:
+            changes.append(f"model {trained_model!r} (params: {model_name!r})")
         model_name = trained_model
     params = params.with_overrides(model={"name": model_name})
     if model_config is None:
@@ -63,7 +66,7 @@ def dictionary_at_hook(params: Params, folder: str | Path, model_config=None) ->
         params_hook = resolve_hook(model_config, params_hook_name).name
     except UserError:
         params_hook = params_hook_name
-    if hook.name != params_hook:
+    if hook.name != params_hook and hook_named:
         changes.append(f"hook {hook.name} (params: {params_hook_name})")
     params = params.with_overrides(hook=hook.name)
     width = hook_width(model_config, hook)

@@ -2,7 +2,7 @@
 
 The class is named by ``config.json``'s ``trainer.dict_class``, never guessed from the keys; each converter
 checks every key and shape it needs and refuses anything else in one line (``UserError``). Key layouts are
-dictionary_learning 0.1.0's (``dictionary.py``, ``trainers/*.py``; see shared/FORMATS.md).
+dictionary_learning 0.1.0's (``dictionary.py``, ``trainers/*.py``).
 """
 
 from __future__ import annotations

@@ -102,7 +102,6 @@ def dictionary_config(
     sae_params = params.sae
     trainer = {
         "trainer_class": _TRAINER_CLASS.get(sae.architecture, "dictlearn"),
-        "dict_class": to_dictionary_learning(sae)[0] if holds_exactly(sae) else f"dictlearn.{sae.architecture}",
         "lr": lr,
         "steps": steps,
         "warmup_steps": warmup_steps,
@@ -129,9 +128,6 @@ def dictionary_config(
         "device": device,
     }
     ours = {
-        "architecture": sae.architecture,
-        "config": sae.config(),
-        "layout": "dictionary_learning" if holds_exactly(sae) else "dictlearn",
         "model": params.model.name,
         "hook": hook.name,
         "target_hook": target_hook.name if target_hook is not None else None,
@@ -144,7 +140,14 @@ def save_dictionary(folder: Path, sae: SparseAutoencoder, config: dict) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"cannot save dictionary to {folder}: the folder does not exist")
-    state_dict = to_dictionary_learning(sae)[1] if holds_exactly(sae) else sae.state_dict()
+    if holds_exactly(sae):
+        dict_class, state_dict = to_dictionary_learning(sae)
+        layout = "dictionary_learning"
+    else:
+        dict_class, state_dict, layout = f"dictlearn.{sae.architecture}", sae.state_dict(), "dictlearn"
+    # The file's own metadata says what ae.pt holds, whatever the caller's config says.
+    ours = {**config.get(SAE_SECTION, {}), "architecture": sae.architecture, "config": sae.config(), "layout": layout}
+    config = {**config, "trainer": {**config.get("trainer", {}), "dict_class": dict_class}, SAE_SECTION: ours}
     torch_save(folder / AE_FILE, {name: tensor.detach().cpu() for name, tensor in state_dict.items()})
     write_json(folder / CONFIG_FILE, config)
 

@@ -279,7 +279,7 @@ def embedded_model_folder() -> Path:
     return folder
 
 
-# The hub name of the embedded model (shared/ASSETS.md): dictionaries of either name fit both.
+# The hub name of the embedded model: dictionaries of either name fit both.
 EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

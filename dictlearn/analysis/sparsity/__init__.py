@@ -1,0 +1,1 @@
+"""The sparsity analyzer: activation sparsity of MLP neurons, structured pruning, polysemantic neurons."""

@@ -1,0 +1,1 @@
+"""Evaluating dictionaries: reconstruction and sparsity metrics, spliced LM loss and KL, absorption, comparisons."""

@@ -1,0 +1,1 @@
+"""Dictionaries on disk: our run folder and other libraries' files."""

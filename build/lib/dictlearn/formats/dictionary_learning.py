@@ -1,0 +1,124 @@
+"""saprmarks/dictionary_learning's state dicts (``ae.pt``): one converter per architecture both ways.
+
+The class is named by ``config.json``'s ``trainer.dict_class``, never guessed from the keys; each converter
+checks every key and shape it needs and refuses anything else in one line (``UserError``). Key layouts are
+dictionary_learning 0.1.0's (``dictionary.py``, ``trainers/*.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from dictlearn.errors import UserError
+from dictlearn.sae.base import SparseAutoencoder
+from dictlearn.sae.topk import TopKSAE
+
+
+def check_keys(state_dict: Mapping[str, Tensor], shapes: Mapping[str, tuple[str, ...]], what: str) -> None:
+    """Exactly the keys of ``shapes``, each a tensor."""
+    expected, found = sorted(shapes), sorted(state_dict) if isinstance(state_dict, Mapping) else []
+    if found != expected:
+        hint = " (a mid-training backup? its 'ae' entry is the state dict)" if "ae" in found else ""
+        raise UserError(f"not a {what} state dict: expected keys {expected}, found {found}{hint}")
+    not_tensors = [key for key in expected if not isinstance(state_dict[key], Tensor)]
+    if not_tensors:
+        raise UserError(f"not a {what} state dict: {', '.join(not_tensors)} should be tensors")
+
+
+def sizes_from(
+    state_dict: Mapping[str, Tensor], shapes: Mapping[str, tuple[str, ...]], key: str, what: str
+) -> dict[str, int]:
+    """The keys checked, then every shape checked against the sizes the 2-D ``key`` gives its letters."""
+    check_keys(state_dict, shapes, what)
+    weight = state_dict[key]
+    if weight.ndim != 2:
+        raise UserError(f"{what} state dict: {key} should be 2-D {list(shapes[key])}, found shape {list(weight.shape)}")
+    sizes = dict(zip(shapes[key], weight.shape))
+    for name, letters in shapes.items():
+        want = tuple(sizes[letter] for letter in letters)
+        if tuple(state_dict[name].shape) != want:
+            sizes_text = ", ".join(f"{letter}={size}" for letter, size in sizes.items())
+            raise UserError(
+                f"{what} state dict: {name} should have shape {list(want)} ({sizes_text}), "
+                f"found {list(state_dict[name].shape)}"
+            )
+    return sizes
+
+
+class Converter(NamedTuple):
+    dict_class: str
+    """dictionary_learning's class name, as in ``config.json``'s ``trainer.dict_class``."""
+
+    to_state_dict: Callable[[SparseAutoencoder], dict[str, Tensor]]
+    from_state_dict: Callable[[Mapping[str, Tensor], dict[str, Any], torch.device | str | None], SparseAutoencoder]
+
+
+# AutoEncoderTopK: encoder = nn.Linear(D, F), decoder = nn.Linear(F, D, bias=False), b_dec, buffers k, threshold.
+_TOPK_SHAPES = {
+    "encoder.weight": ("F", "D"),
+    "encoder.bias": ("F",),
+    "decoder.weight": ("D", "F"),
+    "b_dec": ("D",),
+    "k": (),
+    "threshold": (),
+}
+
+
+def topk_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    """dictionary_learning's ``AutoEncoderTopK`` keys, detached copies. ``threshold`` is -1 ("not set"): a
+    threshold that library's ``encode(use_threshold=True)`` would apply is what its ``TopKTrainer`` estimates
+    as a running minimum of the selected activations; our TopK selects per row and estimates none."""
+    return {
+        "encoder.weight": sae.W_enc.detach().clone(),
+        "encoder.bias": sae.b_enc.detach().clone(),
+        "decoder.weight": sae.W_dec.detach().T.contiguous(),
+        "b_dec": sae.b_dec.detach().clone(),
+        "k": sae.k.detach().clone(),
+        "threshold": torch.tensor(-1.0, dtype=sae.W_dec.dtype, device=sae.W_dec.device),
+    }
+
+
+def topk_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> TopKSAE:
+    """``AutoEncoderTopK`` -> ``TopKSAE``; ``threshold`` is checked but not kept: TopK encodes by selection."""
+    what = "dictionary_learning AutoEncoderTopK"
+    sizes = sizes_from(state_dict, _TOPK_SHAPES, "encoder.weight", what)
+    sae = TopKSAE(sizes["D"], sizes["F"], int(state_dict["k"]), dtype=state_dict["encoder.weight"].dtype, device=device)
+    with torch.no_grad():
+        sae.W_enc.copy_(state_dict["encoder.weight"])
+        sae.b_enc.copy_(state_dict["encoder.bias"])
+        sae.W_dec.copy_(state_dict["decoder.weight"].T)
+        sae.b_dec.copy_(state_dict["b_dec"])
+    return sae
+
+
+# Our architecture name -> its dictionary_learning class. An SAE this table cannot hold exactly (a transcoder)
+# is saved in our own layout instead (``dictlearn.formats.run_folder``).
+CONVERTERS: dict[str, Converter] = {
+    "topk": Converter("AutoEncoderTopK", topk_to_state_dict, topk_from_state_dict),
+}
+BY_DICT_CLASS: dict[str, Converter] = {converter.dict_class: converter for converter in CONVERTERS.values()}
+
+
+def holds_exactly(sae: SparseAutoencoder) -> bool:
+    """Whether dictionary_learning has a class that gives this SAE's codes (transcoders: none)."""
+    return sae.architecture in CONVERTERS and sae.d_out == sae.d_in and not getattr(sae, "transcoder", False)
+
+
+def to_dictionary_learning(sae: SparseAutoencoder) -> tuple[str, dict[str, Tensor]]:
+    """(dict_class, state dict) as dictionary_learning saves this SAE."""
+    converter = CONVERTERS[sae.architecture]
+    return converter.dict_class, converter.to_state_dict(sae)
+
+
+def from_dictionary_learning(
+    dict_class: str, state_dict: Mapping[str, Tensor], trainer: dict[str, Any], device=None
+) -> SparseAutoencoder:
+    if dict_class not in BY_DICT_CLASS:
+        raise UserError(
+            f"dictionary_learning class {dict_class!r} is not supported; supported: {', '.join(sorted(BY_DICT_CLASS))}"
+        )
+    return BY_DICT_CLASS[dict_class].from_state_dict(state_dict, trainer, device)

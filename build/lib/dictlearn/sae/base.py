@@ -1,0 +1,171 @@
+"""The protocol every SAE architecture implements, the tuples it speaks in, and the objective protocol the
+trainer runs.
+
+An SAE maps activations ``x_BD`` (read at ``hook``) to sparse codes and back to ``x_hat_BD`` (the activation at
+the same hook, or at ``target_hook`` for a transcoder). What is shared by every architecture lives here; each
+architecture's file holds its class and its objective (loss terms, constraints after a step, scheduled events).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class SparseCodes(NamedTuple):
+    values: Tensor
+    """(B, K) the active latents' values; 0 in padding entries (ReLU-family rows hold fewer than K non-zeros)."""
+
+    indices: Tensor
+    """(B, K) int64 latent indices, distinct within a row (padding entries point at inactive latents)."""
+
+    pre_acts: Tensor | None
+    """(B, F) the dense pre-activations, detached, where the architecture has them; else None."""
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor
+    """(B, D_out) the reconstruction (of the input, or of the target hook's activation for a transcoder)."""
+
+    codes: SparseCodes
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor
+    """Scalar, differentiable: what the optimiser minimises."""
+
+    terms: dict[str, Tensor]
+    """Named scalar terms for the metrics (``fvu`` always; then the architecture's own, e.g. ``auxk_loss``)."""
+
+    codes: SparseCodes
+    """The batch's codes (detached), for the trainer's dead-latent counters."""
+
+
+@dataclass
+class StepContext:
+    """What the trainer tells an objective about the step it is computing."""
+
+    step: int
+    total_steps: int
+    dead_mask_F: Tensor
+    """bool (F,): latents that have not fired for ``sae.dead_tokens`` tokens (the trainer owns the counters)."""
+
+
+@dataclass
+class EventContext:
+    """What a scheduled event (resampling) may use: the optimiser whose state it may reset, the dead latents,
+    and fresh training inputs (``sample(n)`` draws the next ``n`` rows of the training stream)."""
+
+    step: int
+    optimizer: torch.optim.Optimizer
+    dead_mask_F: Tensor
+    sample: Callable[[int], tuple[Tensor, Tensor]]
+    """``sample(n)`` -> (inputs, targets), each (n, D), on the SAE's device and dtype."""
+
+    records: list[dict] = field(default_factory=list)
+
+
+def dense_to_codes(acts_BF: Tensor, pre_acts_BF: Tensor | None) -> SparseCodes:
+    """The non-zeros of a dense code as ``SparseCodes``: K is the largest row count in the batch (at least 1);
+    a row with fewer non-zeros is padded with zeros at other latents (``topk`` picks distinct columns)."""
+    count = int((acts_BF != 0).sum(1).max()) if acts_BF.numel() else 0
+    values_BK, indices_BK = acts_BF.topk(max(1, count), dim=1, sorted=False)
+    return SparseCodes(values_BK, indices_BK, pre_acts_BF)
+
+
+def codes_to_dense(codes: SparseCodes, num_latents: int) -> Tensor:
+    """(B, F) dense code from ``SparseCodes`` (padding entries add zero)."""
+    values = codes.values
+    return values.new_zeros(values.shape[0], num_latents).scatter_add_(1, codes.indices, values)
+
+
+class SparseAutoencoder(nn.Module):
+    """The interface: ``encode``, ``decode``, ``forward``, sizes, ``architecture``, ``config`` and
+    ``from_state_dict``. ``forward`` returns the same ``ForwardOutput`` every time, has no side effects and
+    computes no loss. Every architecture keeps ``W_enc`` (F, D), ``W_dec`` (F, D_out), ``b_dec`` (D_out)."""
+
+    architecture: ClassVar[str]
+
+    d_in: int
+    d_out: int
+    num_latents: int
+    W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+
+    def encode(self, x_BD: Tensor) -> SparseCodes:
+        raise NotImplementedError
+
+    def decode(self, codes: SparseCodes) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_BD: Tensor) -> ForwardOutput:
+        codes = self.encode(x_BD)
+        return ForwardOutput(self.decode(codes), codes)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (JSON values), so ``from_state_dict`` can rebuild the SAE."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state_dict(
+        cls, config: dict[str, Any], state_dict: dict[str, Tensor], device: torch.device | str | None = None
+    ) -> SparseAutoencoder:
+        """Rebuild from ``config()`` and ``state_dict()``: same outputs for the same inputs."""
+        dtype = next(iter(state_dict.values())).dtype if state_dict else torch.float32
+        sae = cls(**config, dtype=dtype, device=device)
+        sae.load_state_dict(state_dict)
+        return sae
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Make an SAE trained on ``x / scale`` (and targets ``y / scale``) act on unscaled activations: every
+        bias and threshold is multiplied by ``scale``, so codes and reconstructions scale by it too
+        (dictionary_learning's ``scale_biases`` after training with ``normalize_activations``)."""
+        for name, tensor in self.named_parameters():
+            if name.startswith("b_"):
+                tensor.mul_(scale)
+        for name, tensor in self.named_buffers():
+            if name == "threshold":
+                tensor.mul_(scale)
+
+
+class Objective:
+    """An architecture's training recipe as data the trainer runs: ``loss`` (pure: no change to the SAE),
+    then ``before_optimizer_step`` (gradient surgery), the optimiser step, ``after_optimizer_step``
+    (constraints such as decoder renormalisation, running estimates), and ``scheduled_event`` (resampling).
+    Objectives hold no tensors of their own, so a checkpoint of the SAE and the optimiser is the whole state."""
+
+    # Train on activations scaled so that E||x||^2 = d_in (Anthropic's April 2024 update, "Training SAEs",
+    # and SAELens's ``normalize_activations='expected_average_only_in'``): the sparsity penalty of the ReLU,
+    # gated and JumpReLU recipes then means the same at every hook and model. The trainer folds the scale back
+    # into the biases before saving (``SparseAutoencoder.fold_input_scale_``).
+    normalize_inputs: ClassVar[bool] = False
+
+    def loss(self, sae: SparseAutoencoder, x_BD: Tensor, y_BD: Tensor, ctx: StepContext) -> LossOutput:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, sae: SparseAutoencoder) -> None:
+        """Called after ``backward``, before clipping and the optimiser step."""
+
+    def after_optimizer_step(self, sae: SparseAutoencoder, out: LossOutput, ctx: StepContext) -> None:
+        """Called after the optimiser step (no autograd)."""
+
+    def scheduled_event(self, sae: SparseAutoencoder, ctx: EventContext) -> dict | None:
+        """Called after every step; returns a record of what it did (for the metrics), or None."""
+        return None
+
+    def initialize_(self, sae: SparseAutoencoder, x_SD: Tensor, y_SD: Tensor) -> None:
+        """Data-dependent initialisation from a sample of (scaled) inputs and targets, before the first step."""

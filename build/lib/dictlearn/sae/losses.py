@@ -1,0 +1,68 @@
+"""Training losses as pure functions: normalised reconstruction error (FVU) and the TopK family's AuxK.
+
+Shape letters are the package's (see ``dictlearn``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from dictlearn.sae.kernels import Selection
+
+if TYPE_CHECKING:
+    from dictlearn.sae.topk import TopKFamilySAE
+
+
+def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+    """Fraction of variance unexplained: summed squared error over the summed squared deviation of x from its
+    batch mean. This is Gao et al. 2024's normalised MSE (§2.1) and EleutherAI/sparsify's ``fvu``; a scalar
+    tensor, differentiable in ``x_hat_BD``."""
+    return F.mse_loss(x_hat_BD, x_BD, reduction="sum") / (x_BD - x_BD.mean(0)).pow(2).sum()
+
+
+def auxk_loss(
+    sae: TopKFamilySAE,
+    x_BD: Tensor,
+    y_BD: Tensor,
+    x_hat_BD: Tensor,
+    pre_acts_BF: Tensor,
+    dead_mask_F: Tensor,
+    aux_k: int,
+) -> Tensor:
+    """AuxK loss (Gao et al. 2024 §A.2): how well the dead latents model the main reconstruction's residual.
+
+    Args:
+        sae: the autoencoder; read only (its ``gather`` and ``decode_without_bias``), never changed.
+        x_BD: the batch the SAE encoded.
+        y_BD: what it reconstructs (``x_BD``, or the target hook's activations for a transcoder).
+        x_hat_BD: the SAE's reconstruction of ``y_BD``; detached here, so AuxK trains only the dead latents'
+            path and never the main reconstruction.
+        pre_acts_BF: the detached pre-activations ``sae.encode(x_BD)`` returned.
+        dead_mask_F: bool, True for latents the caller counts as dead (the trainer owns the counters; Gao et
+            al. call a latent dead when it has not fired in 10M tokens).
+        aux_k: how many dead latents each row may use (a power of two near d_in / 2 in Gao et al. 2024 §A.2;
+            openai/sparse_autoencoder's train.py default is 256).
+
+    Returns:
+        A scalar tensor: ``||e - e_hat||^2 / sum((e - mean(e))^2)`` with ``e = y - x_hat`` and ``e_hat`` the
+        decode without ``b_dec`` of the ``relu`` of each row's top ``aux_k`` dead pre-activations (the
+        ``relu`` as on ``auxk_vals`` in openai/sparse_autoencoder train.py). The
+        denominator is the residual's own variance, as in openai/sparse_autoencoder (``normalized_mse`` of the
+        AuxK term; note sparsify divides by the input's variance instead). With fewer than ``aux_k`` dead
+        latents all of them are used; with none the result is an exact zero tensor without a graph, which adds
+        to a differentiable loss as it is.
+    """
+    dead_N = dead_mask_F.nonzero().squeeze(1)
+    if dead_N.numel() == 0:
+        return x_BD.new_zeros(())
+    # Selecting among the dead columns only, instead of masking the live ones to -inf, leaves no -inf entry
+    # to pick when fewer than aux_k latents are dead.
+    local_indices_BK = pre_acts_BF.index_select(1, dead_N).topk(min(aux_k, dead_N.numel()), sorted=False).indices
+    selection = Selection(dead_N[local_indices_BK], sae.num_latents)
+    aux_acts_BK = F.relu(sae.gather(x_BD, pre_acts_BF, selection))
+    e_BD = (y_BD - x_hat_BD).detach()
+    e_hat_BD = sae.decode_without_bias(aux_acts_BK, selection)
+    return F.mse_loss(e_hat_BD, e_BD, reduction="sum") / (e_BD - e_BD.mean(0)).pow(2).sum()

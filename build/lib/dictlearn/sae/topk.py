@@ -1,0 +1,229 @@
+"""The TopK sparse autoencoder of Gao et al. 2024 (arXiv 2406.04093) and its objective (FVU + AuxK); the TopK
+family's shared encoder and decoder (BatchTopK and Matryoshka build on them), and TopK transcoders.
+
+Shape letters are the package's (see ``dictlearn``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dictlearn.errors import UserError
+from dictlearn.sae.base import LossOutput, Objective, SparseAutoencoder, SparseCodes, StepContext
+from dictlearn.sae.kernels import Selection, gather_pre_acts, sparse_decode, top_k_indices
+from dictlearn.sae.losses import auxk_loss, fvu
+
+
+def geometric_median(points_SD: Tensor, num_iters: int = 50) -> Tensor:
+    """The point minimising the summed Euclidean distance to the rows of ``points_SD``, shape (D,).
+
+    Weiszfeld's iterations from the mean: each step re-weights every point by the inverse of its distance to
+    the current estimate. Gao et al. 2024 §A.1 initialise the pre-encoder bias to the geometric median of a
+    data sample, following Bricken et al. 2023 (openai/sparse_autoencoder ``init_from_data_`` calls the
+    ``geom_median`` package's Weiszfeld solver); a few dozen iterations suffice for activation-like data.
+    """
+    points_SD = points_SD.double()
+    median_D = points_SD.mean(0)
+    for _ in range(num_iters):
+        # The clamp keeps a point that coincides with the estimate from taking an infinite weight.
+        weights_S = torch.linalg.vector_norm(points_SD - median_D, dim=1).clamp_min(1e-12).reciprocal()
+        median_D = weights_S @ points_SD / weights_S.sum()
+    return median_D
+
+
+class TopKFamilySAE(SparseAutoencoder):
+    """What TopK, BatchTopK and Matryoshka share: ``pre_acts = W_enc (x - b_dec) + b_enc``, a selection of
+    latents per row, ``x_hat = sum of the selected W_dec rows * acts + b_dec``.
+
+    The encoder matmul is the only dense product. It runs without autograd; the selected pre-activations are
+    gathered back into the graph by a backward that touches only the selected latents, and the decode is a
+    sparse ``embedding_bag`` with a sparse backward (``dictlearn.sae.kernels``). So a training step costs one
+    dense (B, D) x (D, F) matmul plus O(B * K * D) work.
+
+    A transcoder (``d_out`` set, Paulo et al. 2025, "Transcoders beat sparse autoencoders"; sparsify's
+    ``transcode``) reads one hook and reconstructs another: the input is not centred by ``b_dec`` (an
+    output-space bias), and ``skip_connection`` adds a linear ``W_skip`` path from input to output (zero at
+    initialisation, as sparsify's ``skip_connection``); ``decode`` gives the sparse part, ``forward`` adds the
+    skip term.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_latents: int,
+        k: int,
+        *,
+        d_out: int | None = None,
+        skip_connection: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 < k <= num_latents:
+            raise UserError(f"sae: k must be in 1..num_latents={num_latents}, found k={k}")
+        if skip_connection and d_out is None:
+            raise UserError("sae.skip_connection needs a transcoder: set sae.target_hook")
+        self.d_in = d_in
+        self.d_out = d_out or d_in
+        self.transcoder = d_out is not None
+        self.num_latents = num_latents
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        # Gao et al. 2024 §A.1 (and openai/sparse_autoencoder's "tied" init): random unit-norm decoder rows,
+        # the encoder initialised to the decoder's transpose, zero biases until ``initialize_``. A transcoder
+        # whose widths differ draws the encoder on its own, with rows of the same norm.
+        W_dec_FD = torch.randn(num_latents, self.d_out, generator=generator, dtype=torch.float64)
+        W_dec_FD /= torch.linalg.vector_norm(W_dec_FD, dim=1, keepdim=True)
+        if self.d_out == d_in:
+            W_enc_FD = W_dec_FD.clone()
+        else:
+            W_enc_FD = torch.randn(num_latents, d_in, generator=generator, dtype=torch.float64)
+            W_enc_FD /= torch.linalg.vector_norm(W_enc_FD, dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_enc_FD.to(device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, dtype=dtype, device=device))
+        self.W_skip = (
+            nn.Parameter(torch.zeros(self.d_out, d_in, dtype=dtype, device=device)) if skip_connection else None
+        )
+        self.k: Tensor
+        self.register_buffer("k", torch.tensor(k, dtype=torch.int64, device=device))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "d_in": self.d_in,
+            "num_latents": self.num_latents,
+            "k": int(self.k),
+            "d_out": self.d_out if self.transcoder else None,
+            "skip_connection": self.W_skip is not None,
+        }
+
+    def _input_bias(self) -> Tensor:
+        """What the encoder subtracts from x: ``b_dec`` for an SAE (Gao et al. 2024 §2.3), nothing for a
+        transcoder (``b_dec`` lives in the output space)."""
+        return self.b_dec if not self.transcoder else self.b_enc.new_zeros(self.d_in)
+
+    def pre_activations(self, x_BD: Tensor) -> Tensor:
+        """(B, F) ``W_enc (x - b_dec) + b_enc``, without autograd (gradients flow through ``gather``)."""
+        with torch.no_grad():
+            return torch.addmm(self.b_enc, x_BD - self._input_bias(), self.W_enc.T)
+
+    def gather(self, x_BD: Tensor, pre_acts_BF: Tensor, selection: Selection) -> Tensor:
+        """(B, K) pre-activations of the selected latents, read from the detached ``pre_acts_BF`` (which must
+        come from ``pre_activations(x_BD)``) yet differentiable w.r.t. ``W_enc``, ``b_enc``, ``b_dec`` and x
+        through a backward that touches only those latents. AuxK gathers its dead latents with this too."""
+        return gather_pre_acts(x_BD, self.W_enc, self.b_enc, self._input_bias(), pre_acts_BF, selection)
+
+    def select(self, pre_acts_BF: Tensor) -> Tensor:
+        """(B, K) indices of the latents each row keeps."""
+        raise NotImplementedError
+
+    def encode(self, x_BD: Tensor) -> SparseCodes:
+        pre_acts_BF = self.pre_activations(x_BD)
+        selection = Selection(self.select(pre_acts_BF), self.num_latents)
+        values_BK = F.relu(self.gather(x_BD, pre_acts_BF, selection))
+        return SparseCodes(values_BK, selection.indices_BK, pre_acts_BF)
+
+    def decode_without_bias(self, acts_BK: Tensor, selection: Selection) -> Tensor:
+        """(B, D_out) ``sum_j acts_BK[b, j] * W_dec[indices_BK[b, j]]``, with no (B, F) matrix; AuxK's ``e_hat``."""
+        return sparse_decode(acts_BK, selection, self.W_dec)
+
+    def decode(self, codes: SparseCodes) -> Tensor:
+        """(B, D_out) the sparse decode plus ``b_dec`` (a transcoder's skip term is added by ``forward``)."""
+        return self.decode_without_bias(codes.values, Selection(codes.indices, self.num_latents)) + self.b_dec
+
+    def forward(self, x_BD: Tensor):
+        out = super().forward(x_BD)
+        if self.W_skip is None:
+            return out
+        return out._replace(x_hat=out.x_hat + x_BD @ self.W_skip.T)
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample_SD: Tensor) -> None:
+        """Set ``b_dec`` to the geometric median of a sample of the reconstructed activations (Gao et al. 2024
+        §A.1)."""
+        self.b_dec.copy_(geometric_median(sample_SD))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm_(self) -> None:
+        """Rescale every decoder row to unit norm (Gao et al. 2024 §A.1; run after each optimiser step)."""
+        unit_norm_rows_(self.W_dec)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions_(self) -> None:
+        """See ``remove_parallel_gradient_``."""
+        remove_parallel_gradient_(self.W_dec)
+
+
+@torch.no_grad()
+def unit_norm_rows_(W_FD: Tensor) -> None:
+    """Rescale every row of ``W_FD`` to unit norm, in place (a zero row stays zero)."""
+    norms_F1 = torch.linalg.vector_norm(W_FD, dim=1, keepdim=True)
+    W_FD.div_(norms_F1.clamp_min_(torch.finfo(W_FD.dtype).tiny))
+
+
+@torch.no_grad()
+def remove_parallel_gradient_(W_FD: Tensor) -> None:
+    """Project each row's gradient onto the plane orthogonal to that row, so a step does not fight the unit-norm
+    constraint (Bricken et al. 2023, "Towards Monosemanticity", appendix on the autoencoder; openai/
+    sparse_autoencoder ``unit_norm_decoder_grad_adjustment_``). Assumes unit-norm rows; does nothing when the
+    parameter has no gradient."""
+    grad_FD = W_FD.grad
+    if grad_FD is None:
+        return
+    parallel_F1 = (grad_FD * W_FD).sum(1, keepdim=True)
+    grad_FD.addcmul_(parallel_F1, W_FD, value=-1)
+
+
+class TopKSAE(TopKFamilySAE):
+    """TopK sparse autoencoder (Gao et al. 2024 §2.3): ``z = relu(topk(W_enc (x - b_dec) + b_enc))``,
+    ``x_hat = W_dec^T z + b_dec``."""
+
+    architecture = "topk"
+
+    def select(self, pre_acts_BF: Tensor) -> Tensor:
+        return top_k_indices(pre_acts_BF, int(self.k))
+
+
+class TopKObjective(Objective):
+    """Gao et al. 2024: ``loss = fvu + aux_coef * auxk`` (§2.1, §A.2), the decoder-parallel gradient removed
+    before each step and the decoder rows renormalised after it (§A.1), ``b_dec`` at the geometric median of a
+    sample (§A.1). BatchTopK and Matryoshka reuse it with their own reconstruction."""
+
+    def __init__(self, aux_k: int, aux_coef: float) -> None:
+        self.aux_k = aux_k
+        self.aux_coef = aux_coef
+
+    def reconstruction(self, sae: TopKFamilySAE, x_BD: Tensor, y_BD: Tensor, ctx: StepContext):
+        """(codes, x_hat, reconstruction loss, terms): the training-time forward and its loss (the FVU);
+        BatchTopK and Matryoshka replace it."""
+        pre_acts_BF = sae.pre_activations(x_BD)
+        selection = Selection(sae.select(pre_acts_BF), sae.num_latents)
+        values_BK = F.relu(sae.gather(x_BD, pre_acts_BF, selection))
+        x_hat_BD = sae.decode_without_bias(values_BK, selection) + sae.b_dec
+        if sae.W_skip is not None:
+            x_hat_BD = x_hat_BD + x_BD @ sae.W_skip.T
+        codes = SparseCodes(values_BK, selection.indices_BK, pre_acts_BF)
+        fvu_loss = fvu(y_BD, x_hat_BD)
+        return codes, x_hat_BD, fvu_loss, {"fvu": fvu_loss}
+
+    def loss(self, sae: TopKFamilySAE, x_BD: Tensor, y_BD: Tensor, ctx: StepContext) -> LossOutput:
+        codes, x_hat_BD, reconstruction_loss, terms = self.reconstruction(sae, x_BD, y_BD, ctx)
+        aux = auxk_loss(sae, x_BD, y_BD, x_hat_BD, codes.pre_acts, ctx.dead_mask_F, self.aux_k)
+        loss = reconstruction_loss + self.aux_coef * aux
+        terms = {**terms, "auxk_loss": aux}
+        codes = SparseCodes(codes.values.detach(), codes.indices, codes.pre_acts)
+        return LossOutput(loss, terms, codes)
+
+    def before_optimizer_step(self, sae: TopKFamilySAE) -> None:
+        sae.remove_gradient_parallel_to_decoder_directions_()
+
+    def after_optimizer_step(self, sae: TopKFamilySAE, out: LossOutput, ctx: StepContext) -> None:
+        sae.set_decoder_norm_to_unit_norm_()
+
+    def initialize_(self, sae: TopKFamilySAE, x_SD: Tensor, y_SD: Tensor) -> None:
+        sae.init_b_dec_(y_SD)
