@@ -19,8 +19,9 @@ from dictlearn.sae.relu import penalty_warmup
 from dictlearn.sae.topk import geometric_median, remove_parallel_gradient_, unit_norm_rows_
 
 # Default sparsity coefficient, for inputs scaled to E||x||^2 = d_in: the same scale as the ReLU recipes' lambda
-# (the penalty is the L1 of relu(pi_gate), a ReLU SAE's code in all but name). Checked on SmolLM2-135M
-# blocks.6.hook_resid_post (see the commit message for L0 and FVU).
+# (the penalty is the L1 of relu(pi_gate), a ReLU SAE's code in all but name). On SmolLM2-135M
+# blocks.6.hook_resid_post, 4608 latents, lr 1e-3, batch 4096, only 48 steps (200k tokens, still converging):
+# held-out L0 221, FVU 0.40, no dead latents.
 DEFAULT_L1_COEFFICIENT = 5.0
 
 
