@@ -100,7 +100,8 @@ class JumpReLUSAE(SparseAutoencoder):
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         W_dec_FD = torch.randn(num_latents, d_in, generator=generator, dtype=torch.float64)
         W_dec_FD /= torch.linalg.vector_norm(W_dec_FD, dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
+        # A copy: ``.to`` returns the same tensor when the dtype is already float64.
+        self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
