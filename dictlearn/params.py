@@ -152,7 +152,9 @@ class MatryoshkaParams(BatchTopKParams):
         "[1/32, 1/16, 1/8, 1/4, 1/2 + 1/32] (dictionary_learning's example).",
     )
     group_weights: list[Annotated[float, Field(gt=0)]] | None = Field(
-        None, description="Weight of each prefix's reconstruction loss; default 1 each (the losses are summed)."
+        None,
+        description="Weight of each prefix's FVU in the loss (a weighted sum); default 1/G each, dictionary_learning's "
+        "default weights.",
     )
 
 
@@ -186,9 +188,20 @@ class ReLUParams(SAECommon):
 
 class JumpReLUParams(SAECommon):
     architecture: Literal["jumprelu"] = Field("jumprelu", description="JumpReLU (Rajamanoharan et al. 2024).")
-    l0_coefficient: float | None = Field(None, gt=0, description="L0 penalty coefficient; default the paper's.")
-    bandwidth: float = Field(0.001, gt=0, description="Kernel bandwidth of the threshold's pseudo-gradient.")
-    initial_threshold: float = Field(0.001, gt=0, description="Initial threshold of every latent.")
+    l0_coefficient: float = Field(
+        1.0,
+        gt=0,
+        description="lambda of the L0 penalty on inputs scaled to E||x||^2 = d_in (dictionary_learning's "
+        "JumpReluTrainer sparsity_penalty default, 1.0).",
+    )
+    bandwidth: float = Field(
+        0.001, gt=0, description="Kernel bandwidth epsilon of the pseudo-gradients (Rajamanoharan et al. 2024: 0.001)."
+    )
+    initial_threshold: float = Field(
+        0.001,
+        gt=0,
+        description="Initial threshold of every latent, in scaled-input units (Rajamanoharan et al. 2024: 0.001).",
+    )
     l0_warmup_fraction: float = Field(
         0.05, ge=0, lt=1, description="Linear warm-up of the L0 coefficient from 0, as a fraction of steps."
     )
