@@ -1,6 +1,7 @@
 """BatchTopK, Matryoshka and JumpReLU SAEs: selection, sparse backward, pseudo-gradients, losses, formats and a
 short training run; tiny CPU checks."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -312,7 +313,9 @@ def test_saved_files_have_dictionary_learnings_keys_and_shapes(tmp_path):
 
 def test_wrong_keys_are_a_user_error(tmp_path):
     sae = _all_saes()["JumpReluAutoEncoder"]
-    save_dictionary(tmp_path, sae, {"trainer": {"dict_class": "MatryoshkaBatchTopKSAE"}})
+    save_dictionary(tmp_path, sae, {})
+    # A config that names another class than the weights hold (as a hand-edited or mixed-up folder would).
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "MatryoshkaBatchTopKSAE"}}))
     with pytest.raises(UserError, match="not a dictionary_learning MatryoshkaBatchTopKSAE state dict: expected keys"):
         load_dictionary(tmp_path)
 
