@@ -15,6 +15,9 @@ from torch import Tensor
 
 from dictlearn.errors import UserError
 from dictlearn.sae.base import SparseAutoencoder
+from dictlearn.sae.batchtopk import BatchTopKSAE
+from dictlearn.sae.jumprelu import JumpReLUSAE
+from dictlearn.sae.matryoshka import MatryoshkaSAE
 from dictlearn.sae.topk import TopKSAE
 
 
@@ -122,3 +125,122 @@ def from_dictionary_learning(
             f"dictionary_learning class {dict_class!r} is not supported; supported: {', '.join(sorted(BY_DICT_CLASS))}"
         )
     return BY_DICT_CLASS[dict_class].from_state_dict(state_dict, trainer, device)
+
+
+# --- BatchTopK, Matryoshka and JumpReLU ---
+
+# BatchTopKSAE has AutoEncoderTopK's keys and layout; ``threshold`` is its inference threshold.
+
+
+def batchtopk_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    """dictionary_learning's ``BatchTopKSAE`` keys, detached copies: nn.Linear layouts (W_enc as
+    ``encoder.weight`` [F, D], W_dec transposed as ``decoder.weight`` [D, F]), ``k`` and ``threshold``."""
+    return {
+        "encoder.weight": sae.W_enc.detach().clone(),
+        "encoder.bias": sae.b_enc.detach().clone(),
+        "decoder.weight": sae.W_dec.detach().T.contiguous(),
+        "b_dec": sae.b_dec.detach().clone(),
+        "k": sae.k.detach().clone(),
+        "threshold": sae.threshold.detach().clone(),
+    }
+
+
+def batchtopk_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> BatchTopKSAE:
+    what = "dictionary_learning BatchTopKSAE"
+    sizes = sizes_from(state_dict, _TOPK_SHAPES, "encoder.weight", what)
+    sae = BatchTopKSAE(
+        sizes["D"], sizes["F"], int(state_dict["k"]), dtype=state_dict["encoder.weight"].dtype, device=device
+    )
+    sae.load_state_dict(
+        {
+            "W_enc": state_dict["encoder.weight"],
+            "b_enc": state_dict["encoder.bias"],
+            "W_dec": state_dict["decoder.weight"].T,
+            "b_dec": state_dict["b_dec"],
+            "k": state_dict["k"],
+            "threshold": state_dict["threshold"],
+        }
+    )
+    return sae
+
+
+# MatryoshkaBatchTopKSAE: nn.Parameters W_enc [D, F], W_dec [F, D]; buffers k, threshold, group_sizes [G].
+_MATRYOSHKA_SHAPES = {
+    "W_enc": ("D", "F"),
+    "b_enc": ("F",),
+    "W_dec": ("F", "D"),
+    "b_dec": ("D",),
+    "k": (),
+    "threshold": (),
+    "group_sizes": ("G",),
+}
+
+
+def matryoshka_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    return {
+        "W_enc": sae.W_enc.detach().T.contiguous(),
+        "b_enc": sae.b_enc.detach().clone(),
+        "W_dec": sae.W_dec.detach().clone(),
+        "b_dec": sae.b_dec.detach().clone(),
+        "k": sae.k.detach().clone(),
+        "threshold": sae.threshold.detach().clone(),
+        "group_sizes": sae.group_sizes.detach().clone(),
+    }
+
+
+def matryoshka_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> MatryoshkaSAE:
+    """``MatryoshkaBatchTopKSAE`` -> ``MatryoshkaSAE``; the groups come from the ``group_sizes`` buffer, as that
+    library's ``from_pretrained`` reads them."""
+    what = "dictionary_learning MatryoshkaBatchTopKSAE"
+    check_keys(state_dict, _MATRYOSHKA_SHAPES, what)
+    group_sizes = state_dict["group_sizes"]
+    if group_sizes.ndim != 1 or group_sizes.is_floating_point():
+        raise UserError(
+            f"{what} state dict: group_sizes should be 1-D integers, found {group_sizes.dtype} {list(group_sizes.shape)}"
+        )
+    weights = {key: value for key, value in state_dict.items() if key != "group_sizes"}
+    shapes = {key: value for key, value in _MATRYOSHKA_SHAPES.items() if key != "group_sizes"}
+    sizes = sizes_from(weights, shapes, "W_enc", what)
+    sae = MatryoshkaSAE(
+        sizes["D"],
+        sizes["F"],
+        int(state_dict["k"]),
+        group_sizes.tolist(),
+        dtype=state_dict["W_enc"].dtype,
+        device=device,
+    )
+    sae.load_state_dict({**state_dict, "W_enc": state_dict["W_enc"].T})
+    return sae
+
+
+# JumpReluAutoEncoder: W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D], threshold [F] (all nn.Parameters).
+# Its ``apply_b_dec_to_input`` is a plain attribute, False and not saved: the encoder does not subtract b_dec.
+_JUMPRELU_SHAPES = {"W_enc": ("D", "F"), "b_enc": ("F",), "W_dec": ("F", "D"), "b_dec": ("D",), "threshold": ("F",)}
+
+
+def jumprelu_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    return {
+        "W_enc": sae.W_enc.detach().T.contiguous(),
+        "b_enc": sae.b_enc.detach().clone(),
+        "W_dec": sae.W_dec.detach().clone(),
+        "b_dec": sae.b_dec.detach().clone(),
+        "threshold": sae.threshold.detach().clone(),
+    }
+
+
+def jumprelu_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> JumpReLUSAE:
+    what = "dictionary_learning JumpReluAutoEncoder"
+    sizes = sizes_from(state_dict, _JUMPRELU_SHAPES, "W_enc", what)
+    sae = JumpReLUSAE(sizes["D"], sizes["F"], dtype=state_dict["W_enc"].dtype, device=device)
+    sae.load_state_dict({**state_dict, "W_enc": state_dict["W_enc"].T})
+    return sae
+
+
+CONVERTERS |= {
+    "batchtopk": Converter("BatchTopKSAE", batchtopk_to_state_dict, batchtopk_from_state_dict),
+    "matryoshka": Converter("MatryoshkaBatchTopKSAE", matryoshka_to_state_dict, matryoshka_from_state_dict),
+    "jumprelu": Converter("JumpReluAutoEncoder", jumprelu_to_state_dict, jumprelu_from_state_dict),
+}
+BY_DICT_CLASS |= {converter.dict_class: converter for converter in CONVERTERS.values()}
+
+# --- end of BatchTopK, Matryoshka and JumpReLU ---

@@ -14,6 +14,9 @@ import torch
 
 from dictlearn.errors import UserError
 from dictlearn.sae.base import Objective, SparseAutoencoder
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE
+from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
+from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
 from dictlearn.sae.topk import TopKObjective, TopKSAE
 
 
@@ -60,6 +63,92 @@ def _topk_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Obj
 ARCHITECTURES: dict[str, Architecture] = {
     "topk": Architecture(TopKSAE, _build_topk, _topk_objective),
 }
+
+
+# --- BatchTopK, Matryoshka and JumpReLU ---
+
+
+def _build_batchtopk(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
+    return BatchTopKSAE(
+        d_in,
+        num_latents,
+        sae_params.k,
+        d_out=d_out,
+        skip_connection=sae_params.skip_connection,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+
+
+def _batchtopk_objective_kwargs(sae_params, sae: SparseAutoencoder, total_steps: int) -> dict[str, Any]:
+    return {
+        "aux_k": sae_params.aux_k or default_aux_k(sae.d_in),
+        "aux_coef": sae_params.aux_coef,
+        "threshold_beta": sae_params.threshold_beta,
+        "threshold_start_step": int(sae_params.threshold_start_fraction * total_steps),
+    }
+
+
+def _batchtopk_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
+    return BatchTopKObjective(**_batchtopk_objective_kwargs(sae_params, sae, total_steps))
+
+
+# dictionary_learning's example (its README and demo): 1/32, 1/16, 1/8, 1/4 of the latents, the rest last.
+DEFAULT_GROUP_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
+
+
+def _group_fractions(sae_params) -> list[float]:
+    return list(sae_params.group_fractions or DEFAULT_GROUP_FRACTIONS)
+
+
+def _build_matryoshka(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
+    return MatryoshkaSAE(
+        d_in,
+        num_latents,
+        sae_params.k,
+        group_sizes_from_fractions(num_latents, _group_fractions(sae_params)),
+        d_out=d_out,
+        skip_connection=sae_params.skip_connection,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+
+
+def _matryoshka_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
+    num_groups = len(sae.group_sizes)
+    # dictionary_learning's default weights: 1 / G each.
+    weights = list(sae_params.group_weights or [1 / num_groups] * num_groups)
+    if len(weights) != num_groups:
+        raise UserError(f"sae.group_weights: expected {num_groups} weights (one per group), found {len(weights)}")
+    return MatryoshkaObjective(weights, **_batchtopk_objective_kwargs(sae_params, sae, total_steps))
+
+
+def _build_jumprelu(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
+    return JumpReLUSAE(
+        d_in, num_latents, initial_threshold=sae_params.initial_threshold, dtype=dtype, device=device, seed=seed
+    )
+
+
+def _jumprelu_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
+    return JumpReLUObjective(
+        sae_params.l0_coefficient, sae_params.bandwidth, int(sae_params.l0_warmup_fraction * total_steps)
+    )
+
+
+def jumprelu_lr(num_latents: int) -> float:
+    """7e-5, Rajamanoharan et al. 2024's learning rate and dictionary_learning ``JumpReluTrainer``'s default."""
+    return 7e-5
+
+
+ARCHITECTURES |= {
+    "batchtopk": Architecture(BatchTopKSAE, _build_batchtopk, _batchtopk_objective),
+    "matryoshka": Architecture(MatryoshkaSAE, _build_matryoshka, _matryoshka_objective),
+    "jumprelu": Architecture(JumpReLUSAE, _build_jumprelu, _jumprelu_objective, jumprelu_lr),
+}
+
+# --- end of BatchTopK, Matryoshka and JumpReLU ---
 
 
 def architecture(name: str) -> Architecture:
