@@ -218,7 +218,7 @@ class TopKSAE(TopKFamilySAE):
         self.threshold: Tensor
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=self.W_dec.dtype, device=self.W_dec.device))
         # Run folders written before the threshold existed load with it unset.
-        self._register_load_state_dict_pre_hook(_default_threshold)
+        self._register_load_state_dict_pre_hook(_default_threshold, with_module=True)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "input_norm": self.input_norm}
