@@ -26,7 +26,15 @@ from dictlearn.sae.topk import TopKObjective, TopKSAE, layer_norm_rows
 from tests.conftest import word_tokenizer, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "peer-formats"
+# ../shared/fixtures/peer-formats beside the checkout (a git worktree sits one level deeper).
+FIXTURES = next(
+    (
+        folder / "shared" / "fixtures" / "peer-formats"
+        for folder in Path(__file__).resolve().parents[2:4]
+        if (folder / "shared" / "fixtures" / "peer-formats").is_dir()
+    ),
+    Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "peer-formats",
+)
 TOLERANCE = 1e-5
 
 # case -> (what to open, relative to the case folder; the architecture our class needs)
@@ -155,7 +163,9 @@ def test_targets_that_cannot_hold_a_dictionary_refuse(tmp_path):
     with pytest.raises(UserError, match=r"^OpenAI's TopK Autoencoder always layer-normalises its input"):
         write_as(topk, topk_info, "openai", tmp_path / "c")
     transcoder, transcoder_info = open_any(FIXTURES / "sparsify/transcoder_skip")
-    with pytest.raises(UserError, match=r"^dictionary_learning has no class .* it is a transcoder"):
+    with pytest.raises(
+        UserError, match=r"^dictionary_learning has no class .* \(it is a transcoder\); convert it to .ours. instead$"
+    ):
         write_as(transcoder, transcoder_info, "dictionary_learning", tmp_path / "d")
     batchtopk, batchtopk_info = open_any(FIXTURES / "dictionary_learning/batchtopk")
     with pytest.raises(UserError, match=r"^sparsify has no class that holds a batchtopk SAE exactly"):
@@ -261,7 +271,7 @@ def test_broken_files_are_one_line(tmp_path):
     tensors["b_dec"] = torch.zeros(15)
     save_file(tensors, str(shapes / "layers.6" / "sae.safetensors"))
     with pytest.raises(
-        UserError, match=r"sae\.safetensors\): b_dec should have shape \[16\] \(F=64, D=16\), found \[15\]"
+        UserError, match=r"sae\.safetensors\) state dict: b_dec should have shape \[16\] \(F=64, D=16\), found \[15\]"
     ) as err:
         open_any(shapes)
     _one_line(err)
