@@ -163,15 +163,24 @@ class ReLUParams(SAECommon):
         description="'bricken2023': unit-norm decoder, L1 on the codes, neuron resampling (Towards Monosemanticity); "
         "'april2024': L1 weighted by decoder norms, no norm constraint, no resampling (Anthropic's April 2024 update).",
     )
-    l1_coefficient: float | None = Field(None, gt=0, description="L1 penalty coefficient; default the recipe's.")
+    l1_coefficient: float | None = Field(
+        None,
+        gt=0,
+        description="L1 penalty coefficient on inputs scaled to E||x||^2 = d_in; default 5 for both recipes "
+        "(the April 2024 update's lambda; the same number for unit-norm decoder rows).",
+    )
     l1_warmup_fraction: float = Field(
         0.05, ge=0, lt=1, description="Linear warm-up of the L1 coefficient from 0, as a fraction of steps."
     )
     resample_every: PositiveInt | None = Field(
-        None, description="bricken2023: resample dead latents every this many steps; null: never."
+        None,
+        description="bricken2023: resample the dead latents (sae.dead_tokens without firing) every this many "
+        "steps; null: never. Ignored by april2024, which does not resample.",
     )
     resample_rows: PositiveInt = Field(
-        16384, description="Inputs scored for resampling (Bricken et al. score 819,200; scaled down by default)."
+        16384,
+        description="Fresh inputs scored for resampling, drawn from (and skipped by) the training stream "
+        "(Bricken et al. score 819,200; scaled down by default).",
     )
 
 
@@ -187,7 +196,9 @@ class JumpReLUParams(SAECommon):
 
 class GatedParams(SAECommon):
     architecture: Literal["gated"] = Field("gated", description="Gated SAE (Rajamanoharan et al. 2024).")
-    l1_coefficient: float | None = Field(None, gt=0, description="L1 penalty on the gate; default the paper's.")
+    l1_coefficient: float | None = Field(
+        None, gt=0, description="L1 penalty on relu(pi_gate), on inputs scaled to E||x||^2 = d_in; default 5."
+    )
     l1_warmup_fraction: float = Field(
         0.05, ge=0, lt=1, description="Linear warm-up of the L1 coefficient from 0, as a fraction of steps."
     )

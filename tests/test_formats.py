@@ -418,7 +418,10 @@ def _run_get_sparse_rep(tmp_path, model: Path, corpus: Path, dictionary: Path):
 
 
 @needs_fixtures
-@pytest.mark.parametrize("case", ["sparsify/topk", "openai/topk", "dictionary_learning/topk", "saelens/jumprelu"])
+@pytest.mark.parametrize(
+    "case",
+    ["sparsify/topk", "openai/topk", "dictionary_learning/topk", "dictionary_learning/standard", "saelens/jumprelu"],
+)
 def test_get_sparse_rep_reads_every_format(case, tmp_path, width_16_checkpoint):
     """The fixtures name smollm2-135m where their format records a model; a copy names the tiny checkpoint."""
     model, corpus = width_16_checkpoint
@@ -451,3 +454,29 @@ def test_scripts_refuse_a_dictionary_of_another_width(tmp_path, width_16_checkpo
         f"error: dictionary {tmp_path / 'wide'} has width 20, but blocks.6.hook_resid_post of {model} has width 16; "
         "use a dictionary trained on this model and hook"
     ]
+
+
+@needs_fixtures
+def test_a_bare_autoencoder_file_takes_model_and_hook_from_params(tmp_path):
+    """The published 10_32768 folders: ae.pt alone, read as AutoEncoder only because its keys are exactly that
+    class's; the note says where the model and hook came from."""
+    from dictlearn.params import parse_params
+
+    if "relu" not in ARCHITECTURES:
+        pytest.skip("the relu architecture has not landed")
+    shutil.copy(FIXTURES / "dictionary_learning/standard/trainer_0/ae.pt", tmp_path / "ae.pt")
+    reference = load_file(FIXTURES / "dictionary_learning/standard/reference.safetensors")
+    params = parse_params({"model": {"name": "EleutherAI/pythia-70m-deduped"}, "hook": "resid_out_layer3"}, source="t")
+    sae, info = open_any(tmp_path, params)
+    codes_BF, x_hat_BD = _outputs(sae, reference["x"])
+    _assert_close(codes_BF, reference["codes"], "bare codes")
+    _assert_close(x_hat_BD, reference["x_hat"], "bare x_hat")
+    assert (info.format, info.model, info.hook) == (
+        "dictionary_learning",
+        "EleutherAI/pythia-70m-deduped",
+        "blocks.3.hook_resid_post",
+    )
+    assert info.note == (
+        f"note: {tmp_path / 'ae.pt'} (dictionary_learning) does not record its model or hook; using the params' "
+        "model 'EleutherAI/pythia-70m-deduped' and hook 'blocks.3.hook_resid_post'"
+    )

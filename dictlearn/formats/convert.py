@@ -46,4 +46,6 @@ def _why_not_dictionary_learning(sae: SparseAutoencoder) -> str:
         return "it is a transcoder"
     if getattr(sae, "input_norm", False):
         return "it layer-normalises its input"
+    if sae.architecture in ("relu", "gated"):
+        return "its decoder rows are not unit-norm, which that library's loader would renormalise, changing the codes"
     return "no class of that architecture"

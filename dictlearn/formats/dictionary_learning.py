@@ -16,8 +16,10 @@ from torch import Tensor
 from dictlearn.errors import UserError
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.batchtopk import BatchTopKSAE
+from dictlearn.sae.gated import GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUSAE
 from dictlearn.sae.matryoshka import MatryoshkaSAE
+from dictlearn.sae.relu import ReLUSAE
 from dictlearn.sae.topk import TopKSAE
 
 
@@ -58,6 +60,8 @@ class Converter(NamedTuple):
 
     to_state_dict: Callable[[SparseAutoencoder], dict[str, Tensor]]
     from_state_dict: Callable[[Mapping[str, Tensor], dict[str, Any], torch.device | str | None], SparseAutoencoder]
+    holds: Callable[[SparseAutoencoder], bool] = lambda sae: True
+    """Whether the class, as its loader reads the file back, gives this particular SAE's codes."""
 
 
 # AutoEncoderTopK: encoder = nn.Linear(D, F), decoder = nn.Linear(F, D, bias=False), b_dec, buffers k, threshold.
@@ -99,22 +103,108 @@ def topk_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> To
     return sae
 
 
+# --- L1 family: ReLU (AutoEncoder) and gated (GatedAutoEncoder) ---
+
+
+def unit_norm_decoder(sae: SparseAutoencoder, atol: float = 1e-5) -> bool:
+    """Whether every decoder row has unit norm (to ``atol``, float32 renormalisation's own error is ~1e-7)."""
+    norms_F = torch.linalg.vector_norm(sae.W_dec.detach().float(), dim=1)
+    return bool(torch.allclose(norms_F, torch.ones_like(norms_F), rtol=0, atol=atol))
+
+
+# AutoEncoder: bias = the tied pre-encoder/decoder bias, encoder = nn.Linear(D, F), decoder = nn.Linear(F, D,
+# bias=False).
+_RELU_SHAPES = {"bias": ("D",), "encoder.weight": ("F", "D"), "encoder.bias": ("F",), "decoder.weight": ("D", "F")}
+
+
+def relu_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    """dictionary_learning's ``AutoEncoder`` keys, detached copies. Only for unit-norm decoder rows (bricken2023):
+    ``AutoEncoder.from_pretrained`` renormalises the decoder columns on load (``normalize_decoder=True``),
+    moving the norms into the encoder, which would keep x_hat but change the codes of an april2024 SAE. So
+    ``holds`` refuses those, and the run folder saves them in our own layout instead."""
+    return {
+        "bias": sae.b_dec.detach().clone(),
+        "encoder.weight": sae.W_enc.detach().clone(),
+        "encoder.bias": sae.b_enc.detach().clone(),
+        "decoder.weight": sae.W_dec.detach().T.contiguous(),
+    }
+
+
+def relu_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> ReLUSAE:
+    """``AutoEncoder`` -> ``ReLUSAE``: codes = relu((x - bias) W_enc^T + encoder.bias), x_hat = codes W_dec + bias.
+    The decoder is read as it is stored (a file written by dictionary_learning has unit-norm columns)."""
+    what = "dictionary_learning AutoEncoder"
+    sizes = sizes_from(state_dict, _RELU_SHAPES, "encoder.weight", what)
+    sae = ReLUSAE(sizes["D"], sizes["F"], dtype=state_dict["encoder.weight"].dtype, device=device)
+    with torch.no_grad():
+        sae.W_enc.copy_(state_dict["encoder.weight"])
+        sae.b_enc.copy_(state_dict["encoder.bias"])
+        sae.W_dec.copy_(state_dict["decoder.weight"].T)
+        sae.b_dec.copy_(state_dict["bias"])
+    return sae
+
+
+# GatedAutoEncoder: encoder = nn.Linear(D, F, bias=False) (W_gate), decoder = nn.Linear(F, D, bias=False),
+# decoder_bias, r_mag, gate_bias, mag_bias.
+_GATED_SHAPES = {
+    "encoder.weight": ("F", "D"),
+    "decoder.weight": ("D", "F"),
+    "decoder_bias": ("D",),
+    "r_mag": ("F",),
+    "gate_bias": ("F",),
+    "mag_bias": ("F",),
+}
+
+
+def gated_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    """dictionary_learning's ``GatedAutoEncoder`` keys, detached copies (its 0.1.0 encode and decode use the
+    decoder as stored; later commits divide the codes by the decoder norms, the same codes for the unit-norm
+    rows our gated objective keeps, which ``holds`` checks)."""
+    return {
+        "encoder.weight": sae.W_enc.detach().clone(),
+        "decoder.weight": sae.W_dec.detach().T.contiguous(),
+        "decoder_bias": sae.b_dec.detach().clone(),
+        "r_mag": sae.r_mag.detach().clone(),
+        "gate_bias": sae.b_gate.detach().clone(),
+        "mag_bias": sae.b_mag.detach().clone(),
+    }
+
+
+def gated_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> GatedSAE:
+    """``GatedAutoEncoder`` -> ``GatedSAE``: with e = (x - decoder_bias) W_enc^T,
+    codes = [e + gate_bias > 0] * relu(exp(r_mag) * e + mag_bias), x_hat = codes W_dec + decoder_bias."""
+    what = "dictionary_learning GatedAutoEncoder"
+    sizes = sizes_from(state_dict, _GATED_SHAPES, "encoder.weight", what)
+    sae = GatedSAE(sizes["D"], sizes["F"], dtype=state_dict["encoder.weight"].dtype, device=device)
+    with torch.no_grad():
+        sae.W_enc.copy_(state_dict["encoder.weight"])
+        sae.W_dec.copy_(state_dict["decoder.weight"].T)
+        sae.b_dec.copy_(state_dict["decoder_bias"])
+        sae.r_mag.copy_(state_dict["r_mag"])
+        sae.b_gate.copy_(state_dict["gate_bias"])
+        sae.b_mag.copy_(state_dict["mag_bias"])
+    return sae
+
+
 # Our architecture name -> its dictionary_learning class. An SAE this table cannot hold exactly (a transcoder)
 # is saved in our own layout instead (``dictlearn.formats.run_folder``).
 CONVERTERS: dict[str, Converter] = {
     "topk": Converter("AutoEncoderTopK", topk_to_state_dict, topk_from_state_dict),
+    "relu": Converter("AutoEncoder", relu_to_state_dict, relu_from_state_dict, unit_norm_decoder),
+    "gated": Converter("GatedAutoEncoder", gated_to_state_dict, gated_from_state_dict, unit_norm_decoder),
 }
 BY_DICT_CLASS: dict[str, Converter] = {converter.dict_class: converter for converter in CONVERTERS.values()}
 
 
 def holds_exactly(sae: SparseAutoencoder) -> bool:
-    """Whether dictionary_learning has a class that gives this SAE's codes (transcoders and input-normalised
-    SAEs: none)."""
+    """Whether dictionary_learning has a class that gives this SAE's codes (transcoders and input-normalised SAEs:
+    none; a ReLU SAE whose decoder rows are not unit-norm: none, see ``relu_to_state_dict``)."""
     return (
         sae.architecture in CONVERTERS
         and sae.d_out == sae.d_in
         and not getattr(sae, "transcoder", False)
         and not getattr(sae, "input_norm", False)
+        and CONVERTERS[sae.architecture].holds(sae)
     )
 
 

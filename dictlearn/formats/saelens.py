@@ -22,7 +22,9 @@ from dictlearn.errors import UserError
 from dictlearn.files import read_json, read_safetensors, write_json
 from dictlearn.formats.dictionary_learning import sizes_from
 from dictlearn.sae.base import SparseAutoencoder
+from dictlearn.sae.gated import GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUSAE
+from dictlearn.sae.relu import ReLUSAE
 from dictlearn.sae.topk import TopKSAE
 
 CFG_FILE = "cfg.json"
@@ -31,6 +33,14 @@ SAELENS_VERSION = "6.54.12"
 
 _SHAPES = {"W_enc": ("D", "F"), "b_enc": ("F",), "W_dec": ("F", "D"), "b_dec": ("D",)}
 _JUMPRELU_SHAPES = {**_SHAPES, "threshold": ("F",)}
+_GATED_SHAPES = {
+    "W_enc": ("D", "F"),
+    "b_gate": ("F",),
+    "b_mag": ("F",),
+    "r_mag": ("F",),
+    "W_dec": ("F", "D"),
+    "b_dec": ("D",),
+}
 
 
 def model_and_hook(cfg: dict) -> tuple[str | None, str | None]:
@@ -104,7 +114,38 @@ def _read_jumprelu(tensors, cfg, what, device) -> JumpReLUSAE:
     return sae
 
 
-_READERS = {"topk": _read_topk, "jumprelu": _read_jumprelu}
+def _read_standard(tensors, cfg, what, device) -> ReLUSAE:
+    sizes = sizes_from(tensors, _SHAPES, "W_enc", what)
+    b_enc_F = tensors["b_enc"].clone()
+    _fold_input_bias_(
+        b_enc_F, tensors["b_dec"], tensors["W_enc"], theirs=cfg.get("apply_b_dec_to_input", True), ours=True
+    )
+    sae = ReLUSAE(sizes["D"], sizes["F"], dtype=tensors["W_enc"].dtype, device=device)
+    sae.W_enc.copy_(tensors["W_enc"].T)
+    sae.b_enc.copy_(b_enc_F)
+    sae.W_dec.copy_(tensors["W_dec"])
+    sae.b_dec.copy_(tensors["b_dec"])
+    return sae
+
+
+def _read_gated(tensors, cfg, what, device) -> GatedSAE:
+    """codes = [s W_enc + b_gate > 0] * relu(s (W_enc exp(r_mag)) + b_mag): ``GatedSAE``'s rule."""
+    sizes = sizes_from(tensors, _GATED_SHAPES, "W_enc", what)
+    b_gate_F, b_mag_F = tensors["b_gate"].clone(), tensors["b_mag"].clone()
+    theirs = cfg.get("apply_b_dec_to_input", True)
+    _fold_input_bias_(b_gate_F, tensors["b_dec"], tensors["W_enc"], theirs=theirs, ours=True)
+    _fold_input_bias_(b_mag_F, tensors["b_dec"], tensors["W_enc"] * tensors["r_mag"].exp(), theirs=theirs, ours=True)
+    sae = GatedSAE(sizes["D"], sizes["F"], dtype=tensors["W_enc"].dtype, device=device)
+    sae.W_enc.copy_(tensors["W_enc"].T)
+    sae.b_gate.copy_(b_gate_F)
+    sae.b_mag.copy_(b_mag_F)
+    sae.r_mag.copy_(tensors["r_mag"])
+    sae.W_dec.copy_(tensors["W_dec"])
+    sae.b_dec.copy_(tensors["b_dec"])
+    return sae
+
+
+_READERS = {"standard": _read_standard, "topk": _read_topk, "jumprelu": _read_jumprelu, "gated": _read_gated}
 
 
 def saelens_tensors(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -112,12 +153,23 @@ def saelens_tensors(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, T
     if getattr(sae, "transcoder", False) or getattr(sae, "input_norm", False):
         kind = "a transcoder" if getattr(sae, "transcoder", False) else "an input-normalised (OpenAI TopK) SAE"
         raise UserError(f"SAELens has no class that holds {kind} exactly; convert it to 'ours' instead")
+    if sae.architecture == "gated":
+        return {"architecture": "gated", "apply_b_dec_to_input": True}, {
+            "W_enc": sae.W_enc.detach().T.contiguous(),
+            "b_gate": sae.b_gate.detach().clone(),
+            "b_mag": sae.b_mag.detach().clone(),
+            "r_mag": sae.r_mag.detach().clone(),
+            "W_dec": sae.W_dec.detach().clone(),
+            "b_dec": sae.b_dec.detach().clone(),
+        }
     tensors = {
         "W_enc": sae.W_enc.detach().T.contiguous(),
         "b_enc": sae.b_enc.detach().clone(),
         "W_dec": sae.W_dec.detach().clone(),
         "b_dec": sae.b_dec.detach().clone(),
     }
+    if sae.architecture == "relu":
+        return {"architecture": "standard", "apply_b_dec_to_input": True}, tensors
     if sae.architecture == "topk":
         return {
             "architecture": "topk",

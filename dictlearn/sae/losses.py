@@ -1,4 +1,5 @@
-"""Training losses as pure functions: normalised reconstruction error (FVU) and the TopK family's AuxK.
+"""Training losses as pure functions: normalised reconstruction error (FVU), the TopK family's AuxK, and the
+L1-family terms (squared error, L1 penalty, the gated SAE's auxiliary reconstruction).
 
 Shape letters are the package's (see ``dictlearn``).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -66,3 +68,25 @@ def auxk_loss(
     e_BD = (y_BD - x_hat_BD).detach()
     e_hat_BD = sae.decode_without_bias(aux_acts_BK, selection)
     return F.mse_loss(e_hat_BD, e_BD, reduction="sum") / (e_BD - e_BD.mean(0)).pow(2).sum()
+
+
+# --- L1 family (ReLU and gated SAEs) ---
+
+
+def squared_error(y_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+    """``sum_D (y - x_hat)^2`` averaged over rows: the reconstruction term of Bricken et al. 2023, the April
+    2024 update and Rajamanoharan et al. 2024 (dictionary_learning's ``recon_loss``)."""
+    return (y_BD - x_hat_BD).pow(2).sum(1).mean()
+
+
+def l1_penalty(acts_BF: Tensor, decoder_norms_F: Tensor | None = None) -> Tensor:
+    """``sum_F |f|`` averaged over rows; with ``decoder_norms_F``, ``sum_F |f| * ||W_dec,F||`` (the April 2024
+    update's penalty, which makes shrinking the decoder to dodge the L1 pointless)."""
+    weighted_BF = acts_BF.abs() if decoder_norms_F is None else acts_BF.abs() * decoder_norms_F
+    return weighted_BF.sum(1).mean()
+
+
+def frozen_decoder_loss(y_BD: Tensor, acts_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor) -> Tensor:
+    """``squared_error(y, acts W_dec + b_dec)`` with the decoder detached: Rajamanoharan et al. 2024's
+    auxiliary term ``||x - x_hat_frozen(relu(pi_gate))||^2`` (§3.2), which trains only the gate path."""
+    return squared_error(y_BD, torch.addmm(b_dec_D.detach(), acts_BF, W_dec_FD.detach()))

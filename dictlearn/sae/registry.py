@@ -15,8 +15,11 @@ import torch
 from dictlearn.errors import UserError
 from dictlearn.sae.base import Objective, SparseAutoencoder
 from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE
+from dictlearn.sae.gated import DEFAULT_L1_COEFFICIENT as GATED_L1_COEFFICIENT
+from dictlearn.sae.gated import GatedObjective, GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
+from dictlearn.sae.relu import APRIL2024_DECODER_NORM, DEFAULT_L1_COEFFICIENT, ReLUObjective, ReLUSAE
 from dictlearn.sae.topk import TopKObjective, TopKSAE
 
 
@@ -60,8 +63,45 @@ def _topk_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Obj
     return TopKObjective(sae_params.aux_k or default_aux_k(sae.d_in), sae_params.aux_coef)
 
 
+# --- L1 family: ReLU and gated ---
+
+
+def l1_family_lr(num_latents: int) -> float:
+    """1e-3 at every width, the default of dictionary_learning's StandardTrainer and StandardTrainerAprilUpdate. The April
+    2024 update's 5e-5 and Rajamanoharan et al.'s (and GatedSAETrainer's) 5e-5 belong to runs of billions of
+    tokens; in runs of a few hundred steps they leave the SAE near its initialisation, so set ``train.lr`` to
+    them for long runs."""
+    return 1e-3
+
+
+def _build_relu(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
+    decoder_norm = APRIL2024_DECODER_NORM if sae_params.recipe == "april2024" else 1.0
+    return ReLUSAE(d_in, num_latents, decoder_norm=decoder_norm, dtype=dtype, device=device, seed=seed)
+
+
+def _relu_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
+    return ReLUObjective(
+        sae_params.recipe,
+        sae_params.l1_coefficient or DEFAULT_L1_COEFFICIENT[sae_params.recipe],
+        sae_params.l1_warmup_fraction,
+        total_steps,
+        resample_every=sae_params.resample_every,
+        resample_rows=sae_params.resample_rows,
+    )
+
+
+def _build_gated(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
+    return GatedSAE(d_in, num_latents, dtype=dtype, device=device, seed=seed)
+
+
+def _gated_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
+    return GatedObjective(sae_params.l1_coefficient or GATED_L1_COEFFICIENT, sae_params.l1_warmup_fraction, total_steps)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "topk": Architecture(TopKSAE, _build_topk, _topk_objective),
+    "relu": Architecture(ReLUSAE, _build_relu, _relu_objective, l1_family_lr),
+    "gated": Architecture(GatedSAE, _build_gated, _gated_objective, l1_family_lr),
 }
 
 

@@ -329,8 +329,9 @@ class Trainer:
                 self.sae, EventContext(self.step, self.optimizer, self.tracker.dead_mask(), self._sample)
             )
             if event:
+                # A tensor, not a metric: the latents the event re-initialised, whose counters start again.
+                self.tracker.revive(event.pop("revived_latents", None))
                 record.update(event)
-                self.tracker.revive(event.get("resampled_latents"))
             if self.step % train.log_every == 0 or self.step == self.total_steps or event:
                 self._append_metrics(record)
             if self.step % train.checkpoint_every == 0 and self.bad_steps == 0:
