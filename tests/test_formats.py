@@ -480,3 +480,30 @@ def test_a_bare_autoencoder_file_takes_model_and_hook_from_params(tmp_path):
         f"note: {tmp_path / 'ae.pt'} (dictionary_learning) does not record its model or hook; using the params' "
         "model 'EleutherAI/pythia-70m-deduped' and hook 'blocks.3.hook_resid_post'"
     )
+
+
+@needs_fixtures
+def test_init_from_refuses_another_model_hook_or_architecture():
+    """training_script.py --init-from: any format, refused in one line on the wrong model, hook or architecture."""
+    from types import SimpleNamespace
+
+    from dictlearn.params import parse_params
+    from training_script import initial_weights
+
+    params = parse_params({"model": {"name": "smollm2-135m"}, "hook": "blocks.6.hook_resid_post"}, source="t")
+    lm, hook = (
+        SimpleNamespace(name="HuggingFaceTB/SmolLM2-135M-Instruct"),
+        SimpleNamespace(name="blocks.6.hook_resid_post"),
+    )
+    sae = initial_weights(str(FIXTURES / "saelens/topk"), params, lm, hook, 16)
+    assert sae.architecture == "topk"
+    with pytest.raises(UserError, match=r"^dictionary was trained at hook 'blocks.6.hook_resid_post', not 'blocks.5"):
+        initial_weights(
+            str(FIXTURES / "dictionary_learning/topk"), params, lm, SimpleNamespace(name="blocks.5.hook_resid_post"), 16
+        )
+    with pytest.raises(UserError, match=r"^dictionary was trained on model 'smollm2-135m', not 'gpt2'"):
+        initial_weights(str(FIXTURES / "dictionary_learning/topk"), params, SimpleNamespace(name="gpt2"), hook, 16)
+    with pytest.raises(
+        UserError, match=r"^--init-from .*: a jumprelu dictionary cannot start a sae.architecture='topk'"
+    ):
+        initial_weights(str(FIXTURES / "saelens/jumprelu"), params, lm, hook, 16)
