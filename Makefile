@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data chromium harvest train test test-fast lint bench clean
+.PHONY: venv data chromium harvest train test test-fast lint bench clean test-peers
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,25 @@ bench: data
 	$(PY) bench/harvest.py
 	$(PY) bench/train_speed.py
 	$(PY) bench/interpretation.py
+
+# Our exports loaded by each real peer library, one venv each, pinned as shared/fixtures/peer-formats/README.md
+# says (not in CI: it installs the libraries). OpenAI's sparse_autoencoder has no release; tests cover its format.
+PEERS := .peers
+PEER_PINS := dictionary_learning=dictionary-learning==0.1.0 saelens=sae-lens==6.54.12 sparsify=eai-sparsify==1.3.3
+
+$(PEERS)/%/.installed:
+	python3 -m venv $(PEERS)/$*
+	echo "torch==2.13.0" > $(PEERS)/$*/constraints.txt
+	$(PEERS)/$*/bin/pip install --quiet torch==2.13.0 $(patsubst $*=%,%,$(filter $*=%,$(PEER_PINS))) -c $(PEERS)/$*/constraints.txt
+	# dictionary-learning's nnsight pulls a CUDA torchvision that breaks `import transformers` on CPU (README).
+	if [ "$*" = dictionary_learning ]; then $(PEERS)/$*/bin/pip uninstall --quiet -y torchvision; fi
+	touch $@
+
+test-peers: venv $(PEERS)/dictionary_learning/.installed $(PEERS)/saelens/.installed $(PEERS)/sparsify/.installed
+	rm -rf $(PEERS)/exports
+	$(PY) tools/test_peers.py export $(PEERS)/exports
+	status=0; for lib in dictionary_learning saelens sparsify; do \
+		$(PEERS)/$$lib/bin/python tools/test_peers.py check $$lib $(PEERS)/exports || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) data/austen data/cache data/activations

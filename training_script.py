@@ -14,11 +14,13 @@ from tqdm import tqdm
 
 from dictlearn.activations.source import training_buffer
 from dictlearn.cli import argument_parser, keep_freed_memory, prepare, store_path, threads_from_env
-from dictlearn.errors import run_script
+from dictlearn.errors import UserError, run_script
 from dictlearn.evaluation.evaluate import evaluate_dictionary
 from dictlearn.files import check_output_folder, write_json
+from dictlearn.formats.detect import open_any
 from dictlearn.formats.run_folder import (
     AE_FILE,
+    check_dictionary_matches,
     claim_run_folder,
     dictionary_config,
     num_latents_of,
@@ -38,6 +40,12 @@ def main() -> None:
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     modes.add_argument("--overwrite", action="store_true", help="remove the run folder's earlier results and train")
+    parser.add_argument(
+        "--init-from",
+        metavar="DICTIONARY",
+        help="start from this dictionary's weights (any format --dictionary reads; same model, hook, width and "
+        "architecture as the params)",
+    )
     modes.add_argument(
         "--if-missing", action="store_true", help="do nothing (exit 0) when the run folder already holds a dictionary"
     )
@@ -53,14 +61,17 @@ def main() -> None:
     buffer = training_buffer(params, lm, hook, store_path(params, lm, hook))  # refuses a missing store first
     with output_lock(folder, "run folder"):
         claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite)
-        train(params, lm, hook, folder, buffer, resume=args.resume)
+        train(params, lm, hook, folder, buffer, resume=args.resume, init_from=args.init_from)
 
 
-def train(params, lm, hook, folder, buffer, *, resume: bool) -> None:
+def train(params, lm, hook, folder, buffer, *, resume: bool, init_from: str | None = None) -> None:
     d_in = hook_width(lm.config, hook)
-    num_latents = num_latents_of(params, d_in)
     torch.manual_seed(params.train.seed)
-    sae = build_sae(params.sae, d_in=d_in, d_out=None, num_latents=num_latents, device=lm.device)
+    if init_from:
+        sae = initial_weights(init_from, params, lm, hook, d_in).to(lm.device)
+    else:
+        sae = build_sae(params.sae, d_in=d_in, d_out=None, num_latents=num_latents_of(params, d_in), device=lm.device)
+    num_latents = sae.num_latents
     total_steps = max(1, params.train.tokens // params.buffer.batch_size)
     objective = build_objective(params.sae, sae, total_steps)
     lr = params.train.lr or architecture(params.sae.architecture).default_lr(num_latents)
@@ -82,7 +93,7 @@ def train(params, lm, hook, folder, buffer, *, resume: bool) -> None:
     else:
         if resume:
             print(trainer.progress_without_checkpoint())
-        trainer.initialize()
+        trainer.initialize(keep_weights=bool(init_from))
     print(
         f"training a {params.sae.architecture} SAE, {num_latents} latents, on {params.model.name} {hook.name} -> {folder}"
     )
@@ -115,6 +126,23 @@ def train(params, lm, hook, folder, buffer, *, resume: bool) -> None:
         evaluation_rows(result) + [["training tokens/s", f"{result['train_tokens_per_s']:,.0f}"]],
         headers=["evaluation", str(folder)],
     )
+
+
+def initial_weights(path: str, params, lm, hook, d_in: int):
+    """The SAE of ``--init-from``: refused in one line when trained on another model, hook or width, or when it
+    is not the params' architecture."""
+    sae, info = open_any(path, params)
+    if info.note:
+        print(info.note)
+    check_dictionary_matches(info.config, sae, model_name=lm.name, hook_name=hook.name, d_in=d_in)
+    if sae.architecture != params.sae.architecture or getattr(sae, "input_norm", False) or sae.d_out != d_in:
+        kind = "an input-normalised topk" if getattr(sae, "input_norm", False) else f"a {sae.architecture}"
+        kind = "a transcoder" if sae.d_out != d_in or getattr(sae, "transcoder", False) else kind
+        raise UserError(
+            f"--init-from {path}: {kind} dictionary cannot start a sae.architecture={params.sae.architecture!r} "
+            "autoencoder run; set sae.architecture to the dictionary's"
+        )
+    return sae
 
 
 if __name__ == "__main__":

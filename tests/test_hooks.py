@@ -91,6 +91,7 @@ def test_dictionary_learning_aliases():
     config = tiny_gpt2().config
     assert resolve_hook(config, "mlp_out_layer2").name == "blocks.2.hook_mlp_out"
     assert resolve_hook(config, "resid_out_layer0").name == "blocks.0.hook_resid_post"
+    assert resolve_hook(config, "resid_post_layer_1").name == "blocks.1.hook_resid_post"
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def test_encode_keeps_exactly_k_positive_latents_per_row():
     sae = _sae()
     with torch.no_grad():
         sae.b_enc.fill_(10.0)  # every pre-activation positive, so relu keeps all k selected
-    top_acts_BK, top_indices_BK, pre_acts_BF = sae.encode(torch.randn(32, 16))
+    top_acts_BK, top_indices_BK, pre_acts_BF, _ = sae.encode(torch.randn(32, 16))
     z_BF = torch.zeros(32, 64).scatter(1, top_indices_BK, top_acts_BK.detach())
     assert ((z_BF != 0).sum(1) == 4).all()
     assert torch.equal(top_acts_BK.detach().sort(1).values, pre_acts_BF.topk(4).values.sort(1).values)

@@ -1,6 +1,7 @@
 """Opening a dictionary: the one function every ``--dictionary`` script uses.
 
-The dictionary's own model and hook are used (from its config); when they differ from what the params name,
+Any format is read (``dictlearn.formats.detect.open_any``: our run folders, dictionary_learning, SAELens,
+sparsify, OpenAI, remote names). The dictionary's own model and hook are used (from its files); when they differ from what the params name,
 the returned ``note`` says so in one line, for the script to print before it starts. Hooks are compared
 resolved (``resid_out_layer6`` is ``blocks.6.hook_resid_post``) and models by identity (the embedded
 ``smollm2-135m`` is the hub's ``HuggingFaceTB/SmolLM2-135M-Instruct``). A dictionary whose width does not
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dictlearn.errors import UserError
-from dictlearn.formats.run_folder import load_dictionary, trained_model_and_hook
+from dictlearn.formats.detect import open_any
 from dictlearn.lm.models import (
     HookPoint,
     LanguageModel,
@@ -47,8 +48,8 @@ class DictionaryOnModel(NamedTuple):
 def dictionary_at_hook(params: Params, folder: str | Path, model_config=None) -> DictionaryAtHook:
     """Load the dictionary in ``folder`` and resolve its model and hook (the model's config alone is loaded,
     unless given); refuse it when its width does not match that hook."""
-    sae, config = load_dictionary(folder)
-    trained_model, trained_hook = trained_model_and_hook(config)
+    sae, info = open_any(folder, params)
+    trained_model, trained_hook = info.model, info.hook
     model_name = params.model.name
     # Only a model or hook the params file names itself is worth a note when the dictionary's differs.
     model_named, hook_named = "name" in params.model.model_fields_set, "hook" in params.model_fields_set
@@ -75,9 +76,16 @@ def dictionary_at_hook(params: Params, folder: str | Path, model_config=None) ->
             f"dictionary {folder} has width {sae.d_in}, but {hook.name} of {model_name} has width {width}; "
             "use a dictionary trained on this model and hook"
         )
-    target_name = (config.get("sae") or {}).get("target_hook") if isinstance(config.get("sae"), dict) else None
-    target_hook = resolve_hook(model_config, target_name) if target_name else None
-    note = f"note: {folder} was trained on {' and '.join(changes)}; using the dictionary's" if changes else None
+    target_hook = resolve_hook(model_config, info.target_hook) if info.target_hook else None
+    if target_hook is not None and hook_width(model_config, target_hook) != sae.d_out:
+        raise UserError(
+            f"dictionary {folder} reconstructs width {sae.d_out}, but {target_hook.name} of {model_name} has width "
+            f"{hook_width(model_config, target_hook)}; use a dictionary trained on this model"
+        )
+    notes = [info.note] if info.note else []
+    if changes:
+        notes.append(f"note: {folder} was trained on {' and '.join(changes)}; using the dictionary's")
+    note = " ".join(notes) or None
     return DictionaryAtHook(params, hook, target_hook, sae, note)
 
 

@@ -171,7 +171,8 @@ def encode_sentences(
         first += len(text_BT)
     sentence_R, position_R, token_id_R, tokens_R, x_RD = (torch.cat(column) for column in zip(*parts))
     with torch.inference_mode():
-        top_acts_RK, top_indices_RK, _ = sae.encode(x_RD.to(sae.W_enc.device, sae.W_enc.dtype))
+        codes = sae.encode(x_RD.to(sae.W_enc.device, sae.W_enc.dtype))
+        top_acts_RK, top_indices_RK = codes.values, codes.indices
     text = token_strings(lm.tokenizer, token_id_R.tolist()) if per_token else {-1: ""}
     token_R = [text[i] for i in token_id_R.tolist()]
     return SentenceCodes(sentence_R, position_R, token_R, tokens_R, x_RD, top_acts_RK.cpu(), top_indices_RK.cpu())

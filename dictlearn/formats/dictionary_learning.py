@@ -76,21 +76,21 @@ _TOPK_SHAPES = {
 
 
 def topk_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
-    """dictionary_learning's ``AutoEncoderTopK`` keys, detached copies. ``threshold`` is -1 ("not set"): a
-    threshold that library's ``encode(use_threshold=True)`` would apply is what its ``TopKTrainer`` estimates
-    as a running minimum of the selected activations; our TopK selects per row and estimates none."""
+    """dictionary_learning's ``AutoEncoderTopK`` keys, detached copies; ``threshold`` is the running estimate
+    our ``TopKObjective`` keeps as that library's ``TopKTrainer`` does (-1 before its start step)."""
     return {
         "encoder.weight": sae.W_enc.detach().clone(),
         "encoder.bias": sae.b_enc.detach().clone(),
         "decoder.weight": sae.W_dec.detach().T.contiguous(),
         "b_dec": sae.b_dec.detach().clone(),
         "k": sae.k.detach().clone(),
-        "threshold": torch.tensor(-1.0, dtype=sae.W_dec.dtype, device=sae.W_dec.device),
+        "threshold": sae.threshold.detach().clone(),
     }
 
 
 def topk_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> TopKSAE:
-    """``AutoEncoderTopK`` -> ``TopKSAE``; ``threshold`` is checked but not kept: TopK encodes by selection."""
+    """``AutoEncoderTopK`` -> ``TopKSAE``; ``threshold`` is kept (written back on export) but not used to
+    encode: ``AutoEncoderTopK.encode`` selects per row by default."""
     what = "dictionary_learning AutoEncoderTopK"
     sizes = sizes_from(state_dict, _TOPK_SHAPES, "encoder.weight", what)
     sae = TopKSAE(sizes["D"], sizes["F"], int(state_dict["k"]), dtype=state_dict["encoder.weight"].dtype, device=device)
@@ -99,6 +99,7 @@ def topk_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> To
         sae.b_enc.copy_(state_dict["encoder.bias"])
         sae.W_dec.copy_(state_dict["decoder.weight"].T)
         sae.b_dec.copy_(state_dict["b_dec"])
+        sae.threshold.copy_(state_dict["threshold"])
     return sae
 
 
@@ -196,12 +197,13 @@ BY_DICT_CLASS: dict[str, Converter] = {converter.dict_class: converter for conve
 
 
 def holds_exactly(sae: SparseAutoencoder) -> bool:
-    """Whether dictionary_learning has a class that gives this SAE's codes (transcoders: none; a ReLU SAE whose
-    decoder rows are not unit-norm: none, see ``relu_to_state_dict``)."""
+    """Whether dictionary_learning has a class that gives this SAE's codes (transcoders and input-normalised SAEs:
+    none; a ReLU SAE whose decoder rows are not unit-norm: none, see ``relu_to_state_dict``)."""
     return (
         sae.architecture in CONVERTERS
         and sae.d_out == sae.d_in
         and not getattr(sae, "transcoder", False)
+        and not getattr(sae, "input_norm", False)
         and CONVERTERS[sae.architecture].holds(sae)
     )
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.files import read_json, read_torch, torch_save, write_json
+from dictlearn.files import read_torch, torch_save, write_json
 from dictlearn.formats.dictionary_learning import from_dictionary_learning, holds_exactly, to_dictionary_learning
+from dictlearn.lm.models import canonical_hook_name, same_model
 from dictlearn.params import Params
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.registry import sae_from_state_dict
@@ -135,6 +136,36 @@ def dictionary_config(
     return {"trainer": trainer, "buffer": buffer, SAE_SECTION: ours, PARAMS_SECTION: params.model_dump(mode="json")}
 
 
+def converted_config(
+    sae: SparseAutoencoder, *, model: str | None, hook: str | None, target_hook: str | None, source: str
+) -> dict:
+    """config.json for a dictionary converted from another file (``convert_dictionary.py``): dictionary_learning's
+    fields that its loader and our opener read, and our ``sae`` section; no training params (there were none of
+    ours)."""
+    layer = int(hook.split(".")[1]) if hook and hook.startswith("blocks.") else None
+    trainer = {
+        "trainer_class": _TRAINER_CLASS.get(sae.architecture, "dictlearn"),
+        "dict_class": to_dictionary_learning(sae)[0] if holds_exactly(sae) else f"dictlearn.{sae.architecture}",
+        "activation_dim": sae.d_in,
+        "dict_size": sae.num_latents,
+        "layer": layer,
+        "lm_name": model,
+        "submodule_name": hook,
+    }
+    if hasattr(sae, "k"):
+        trainer["k"] = int(sae.k)
+    ours = {
+        "architecture": sae.architecture,
+        "config": sae.config(),
+        "layout": "dictionary_learning" if holds_exactly(sae) else "dictlearn",
+        "model": model,
+        "hook": hook,
+        "target_hook": target_hook,
+        "converted_from": source,
+    }
+    return {"trainer": trainer, "buffer": {"d_submodule": sae.d_in, "io": "out"}, SAE_SECTION: ours}
+
+
 def save_dictionary(folder: Path, sae: SparseAutoencoder, config: dict) -> None:
     """Write ``ae.pt`` (atomically, so a crash never leaves half a file) and ``config.json``."""
     folder = Path(folder)
@@ -152,32 +183,34 @@ def save_dictionary(folder: Path, sae: SparseAutoencoder, config: dict) -> None:
     write_json(folder / CONFIG_FILE, config)
 
 
-def load_dictionary(folder: str | Path, device: torch.device | str = "cpu") -> tuple[SparseAutoencoder, dict]:
-    """Read ``ae.pt`` and ``config.json`` from a run folder: ours (its ``sae`` section says the layout) or
-    dictionary_learning's (its ``trainer.dict_class`` names the class)."""
-    folder = Path(folder)
-    if not (folder / AE_FILE).is_file():
-        raise UserError(f"no dictionary at {folder}: {AE_FILE} is missing; train one with training_script.py")
-    if not (folder / CONFIG_FILE).is_file():
-        raise UserError(f"dictionary {folder} has no {CONFIG_FILE}; it says which model and hook it was trained on")
-    config = read_json(folder / CONFIG_FILE, "dictionary config")
-    state_dict = read_torch(
-        folder / AE_FILE, "dictionary weights", map_location=device if device is not None else "cpu"
-    )
+def load_dictionary(path: str | Path, device: torch.device | str = "cpu") -> tuple[SparseAutoencoder, dict]:
+    """Read a dictionary of any format (``dictlearn.formats.detect.open_any``): (SAE, config), where config is
+    a run folder's config.json, or for another library's files a config whose ``sae`` section gives what they
+    say (model, hook, format)."""
+    from dictlearn.formats.detect import open_any
+
+    sae, info = open_any(path, device=device)
+    return sae, info.config
+
+
+def read_run_folder(
+    ae_path: Path, config_path: Path, config: dict, device: torch.device | str = "cpu"
+) -> tuple[SparseAutoencoder, dict]:
+    """Read ``ae.pt`` (or a dictionary_learning checkpoint) whose class ``config`` names: ours (the ``sae``
+    section says the layout) or dictionary_learning's (``trainer.dict_class``)."""
+    state_dict = read_torch(ae_path, "dictionary weights", map_location=device if device is not None else "cpu")
     if not isinstance(state_dict, dict):
-        raise UserError(
-            f"{folder / AE_FILE}: expected a state dict (names to tensors), found {type(state_dict).__name__}"
-        )
+        raise UserError(f"{ae_path}: expected a state dict (names to tensors), found {type(state_dict).__name__}")
     ours = config.get(SAE_SECTION)
     trainer = config.get("trainer")
     if isinstance(ours, dict) and ours.get("layout") == "dictlearn":
         try:
             sae = sae_from_state_dict(ours["architecture"], ours["config"], state_dict, device=device)
         except (KeyError, TypeError, RuntimeError) as err:
-            raise UserError(f"{folder / AE_FILE} does not match its {CONFIG_FILE} sae section: {err}") from None
+            raise UserError(f"{ae_path} does not match its {config_path.name} sae section: {err}") from None
         return sae, config
     if not isinstance(trainer, dict) or "dict_class" not in trainer:
-        raise UserError(f"{folder / CONFIG_FILE}: no trainer.dict_class saying which dictionary class {AE_FILE} holds")
+        raise UserError(f"{config_path}: no trainer.dict_class saying which dictionary class {ae_path.name} holds")
     return from_dictionary_learning(trainer["dict_class"], state_dict, trainer, device), config
 
 
@@ -191,18 +224,20 @@ def trained_model_and_hook(config: dict) -> tuple[str | None, str | None]:
 def check_dictionary_matches(
     config: dict, sae: SparseAutoencoder, *, model_name: str, hook_name: str, d_in: int
 ) -> None:
-    """Refuse a dictionary trained on another model, hook or width: one line saying which and how to fix."""
+    """Refuse a dictionary trained on another model, hook or width: one line saying which and how to fix. Hooks
+    are compared by their TransformerLens names, models by ``same_model``."""
     trained_model, trained_hook = trained_model_and_hook(config)
     if sae.d_in != d_in:
         raise UserError(
             f"dictionary width {sae.d_in} does not match the activation width {d_in} at {hook_name} of {model_name}; "
             "use a dictionary trained on this model and hook"
         )
-    if trained_model is not None and trained_model != model_name:
+    if trained_model is not None and not same_model(trained_model, model_name):
         raise UserError(
             f"dictionary was trained on model {trained_model!r}, not {model_name!r}; set model.name to {trained_model!r}"
         )
-    if trained_hook is not None and trained_hook != hook_name:
+    if trained_hook is not None and canonical_hook_name(trained_hook) != canonical_hook_name(hook_name):
         raise UserError(
-            f"dictionary was trained at hook {trained_hook!r}, not {hook_name!r}; set hook to {trained_hook!r}"
+            f"dictionary was trained at hook {trained_hook!r}, not {hook_name!r}; "
+            f"set hook to {canonical_hook_name(trained_hook)!r}"
         )

@@ -2,7 +2,7 @@
 a forward that stops right after the hooked module.
 
 Hook names are TransformerLens-style (``blocks.{L}.hook_resid_pre``, ``hook_resid_mid``, ``hook_resid_post``,
-``hook_attn_out``, ``hook_mlp_out``, ``mlp.hook_post``); ``ARCHITECTURES`` is the one table that maps them onto
+``hook_attn_out``, ``hook_mlp_out``, ``mlp.hook_post``, ``ln2.hook_normalized``); ``ARCHITECTURES`` is the one table that maps them onto
 each architecture's modules. dictionary_learning's folder names (``resid_out_layer3``, ``mlp_out_layer3``,
 ``attn_out_layer3``) are accepted as aliases.
 """
@@ -70,10 +70,26 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": _LLAMA,
 }
 
-SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+# ``ln2.hook_normalized`` is the MLP's input (the pre-MLP norm's output): a transcoder's input (sparsify's
+# ``layers.{L}.mlp`` transcoders read it and reconstruct ``hook_mlp_out``).
+SITES = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_post",
+    "ln2.hook_normalized",
+)
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in SITES) + r")$")
-_ALIAS_RE = re.compile(r"^(resid_out|mlp_out|attn_out)_layer(\d+)$")
-_ALIAS_SITES = {"resid_out": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
+# dictionary_learning's names: its folders (``resid_out_layer3``) and its end-to-end test (``resid_post_layer_3``).
+_ALIAS_RE = re.compile(r"^(resid_out|resid_post|mlp_out|attn_out)_layer_?(\d+)$")
+_ALIAS_SITES = {
+    "resid_out": "hook_resid_post",
+    "resid_post": "hook_resid_post",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+}
 
 
 @dataclass(frozen=True)
@@ -107,11 +123,16 @@ def valid_hook_names(config) -> list[str]:
     return [f"blocks.{{0..{config.num_hidden_layers - 1}}}.{s}" for s in sites]
 
 
+def canonical_hook_name(name: str) -> str:
+    """The TransformerLens name of a hook name or one of dictionary_learning's aliases (others unchanged)."""
+    alias = _ALIAS_RE.match(name)
+    return f"blocks.{alias.group(2)}.{_ALIAS_SITES[alias.group(1)]}" if alias else name
+
+
 def resolve_hook(config, name: str) -> HookPoint:
     """Map a hook name onto the module that carries it, or raise ``UserError`` listing the valid names."""
     arch = architecture_of(config)
-    alias = _ALIAS_RE.match(name)
-    canonical = f"blocks.{alias.group(2)}.{_ALIAS_SITES[alias.group(1)]}" if alias else name
+    canonical = canonical_hook_name(name)
     match = _HOOK_RE.match(canonical)
     valid = ", ".join(valid_hook_names(config))
     if match is None:
@@ -134,6 +155,7 @@ def resolve_hook(config, name: str) -> HookPoint:
         "hook_attn_out": (f"{block}.{arch.attn}", "output"),
         "hook_mlp_out": (f"{block}.{arch.mlp}", "output"),
         "mlp.hook_post": (f"{block}.{arch.mlp_down}", "input"),
+        "ln2.hook_normalized": (f"{block}.{arch.mlp}", "input"),
     }[site]
     return HookPoint(canonical, layer, site, module_path, capture)
 

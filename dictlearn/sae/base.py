@@ -26,6 +26,11 @@ class SparseCodes(NamedTuple):
     pre_acts: Tensor | None
     """(B, F) the dense pre-activations, detached, where the architecture has them; else None."""
 
+    input_norm: tuple[Tensor, Tensor] | None = None
+    """((B, 1) mean, (B, 1) std) of each input row, for an SAE that layer-normalises its input (OpenAI's TopK
+    files): ``encode`` fills it and ``decode`` uses it to return to the input's units; None otherwise. Codes
+    carry it because the reconstruction needs the statistics of the row they came from."""
+
 
 class ForwardOutput(NamedTuple):
     x_hat: Tensor

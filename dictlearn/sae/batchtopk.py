@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dictlearn.sae.base import LossOutput, SparseCodes, StepContext
+from dictlearn.sae.base import SparseCodes, StepContext
 from dictlearn.sae.kernels import Selection, top_k_indices
 from dictlearn.sae.losses import fvu
 from dictlearn.sae.topk import TopKFamilySAE, TopKObjective
@@ -129,10 +129,9 @@ class BatchTopKObjective(TopKObjective):
         fvu_loss = fvu(y_BD, x_hat_BD)
         return codes, x_hat_BD, fvu_loss, {"fvu": fvu_loss}
 
-    def after_optimizer_step(self, sae: BatchTopKSAE, out: LossOutput, ctx: StepContext) -> None:
-        super().after_optimizer_step(sae, out, ctx)
-        if ctx.step >= self.threshold_start_step:
-            update_threshold_(sae.threshold, out.codes.values, self.threshold_beta)
+    def update_threshold_(self, sae: BatchTopKSAE, codes: SparseCodes) -> None:
+        """``TopKObjective``'s schedule with the batch rule (``update_threshold_`` below)."""
+        update_threshold_(sae.threshold, codes.values, self.threshold_beta)
 
 
 @torch.no_grad()

@@ -179,20 +179,79 @@ def remove_parallel_gradient_(W_FD: Tensor) -> None:
     grad_FD.addcmul_(parallel_F1, W_FD, value=-1)
 
 
+# openai/sparse_autoencoder ``model.LN``: the eps added to each row's std before dividing.
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm_rows(x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_n, mu, std): each row centred and divided by its std plus ``LAYER_NORM_EPS``, as openai/
+    sparse_autoencoder ``model.LN`` (torch's unbiased std; no learned scale); mu and std are (B, 1)."""
+    mu_B1 = x_BD.mean(dim=-1, keepdim=True)
+    centred_BD = x_BD - mu_B1
+    std_B1 = centred_BD.std(dim=-1, keepdim=True)
+    return centred_BD / (std_B1 + LAYER_NORM_EPS), mu_B1, std_B1
+
+
 class TopKSAE(TopKFamilySAE):
     """TopK sparse autoencoder (Gao et al. 2024 §2.3): ``z = relu(topk(W_enc (x - b_dec) + b_enc))``,
-    ``x_hat = W_dec^T z + b_dec``."""
+    ``x_hat = W_dec^T z + b_dec``.
+
+    ``input_norm`` (OpenAI's published TopK dictionaries, Gao et al. 2024 §2.1 "we normalize ... per token"):
+    each input row is layer-normalised first (``layer_norm_rows``), its mean and std travel in the codes
+    (``SparseCodes.input_norm``), and ``decode`` maps back: ``x_hat = (W_dec^T z + b_dec) * std + mu`` (std
+    without the eps, as openai/sparse_autoencoder ``Autoencoder.decode``). Codes without the statistics (built
+    by hand) decode in normalised units. The training objective does not normalise, so such an SAE is for
+    reading, not for training.
+
+    ``threshold`` (0-d buffer, -1 until set) is not used by ``encode``: it is dictionary_learning's
+    ``AutoEncoderTopK.threshold``, the running estimate its ``TopKTrainer`` keeps (``TopKObjective``
+    updates it the same way) so that library's ``encode(x, use_threshold=True)`` works on our files.
+    """
 
     architecture = "topk"
 
+    def __init__(self, d_in: int, num_latents: int, k: int, *, input_norm: bool = False, **kwargs) -> None:
+        super().__init__(d_in, num_latents, k, **kwargs)
+        if input_norm and self.transcoder:
+            raise UserError("sae: input normalisation (OpenAI TopK) is defined for autoencoders, not transcoders")
+        self.input_norm = input_norm
+        self.threshold: Tensor
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=self.W_dec.dtype, device=self.W_dec.device))
+        # Run folders written before the threshold existed load with it unset.
+        self._register_load_state_dict_pre_hook(_default_threshold, with_module=True)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "input_norm": self.input_norm}
+
     def select(self, pre_acts_BF: Tensor) -> Tensor:
         return top_k_indices(pre_acts_BF, int(self.k))
+
+    def encode(self, x_BD: Tensor) -> SparseCodes:
+        if not self.input_norm:
+            return super().encode(x_BD)
+        x_BD, mu_B1, std_B1 = layer_norm_rows(x_BD)
+        return super().encode(x_BD)._replace(input_norm=(mu_B1, std_B1))
+
+    def decode(self, codes: SparseCodes) -> Tensor:
+        x_hat_BD = super().decode(codes)
+        if codes.input_norm is None:
+            return x_hat_BD
+        mu_B1, std_B1 = codes.input_norm
+        return x_hat_BD * std_B1 + mu_B1
+
+
+def _default_threshold(module, state_dict, prefix, *args) -> None:
+    state_dict.setdefault(prefix + "threshold", module.threshold.detach().clone())
 
 
 class TopKObjective(Objective):
     """Gao et al. 2024: ``loss = fvu + aux_coef * auxk`` (§2.1, §A.2), the decoder-parallel gradient removed
     before each step and the decoder rows renormalised after it (§A.1), ``b_dec`` at the geometric median of a
     sample (§A.1). BatchTopK and Matryoshka reuse it with their own reconstruction."""
+
+    # dictionary_learning ``TopKTrainer`` defaults for the running threshold (``update_threshold``).
+    threshold_beta: float = 0.999
+    threshold_start_step: int = 1000
 
     def __init__(self, aux_k: int, aux_coef: float) -> None:
         self.aux_k = aux_k
@@ -224,6 +283,31 @@ class TopKObjective(Objective):
 
     def after_optimizer_step(self, sae: TopKFamilySAE, out: LossOutput, ctx: StepContext) -> None:
         sae.set_decoder_norm_to_unit_norm_()
+        if ctx.step >= self.threshold_start_step:
+            self.update_threshold_(sae, out.codes)
+
+    def update_threshold_(self, sae: TopKFamilySAE, codes: SparseCodes) -> None:
+        """dictionary_learning ``TopKTrainer.update_threshold``: the mean over rows of each row's smallest
+        positive kept activation, folded into ``sae.threshold`` with weight ``1 - threshold_beta`` (taken as it
+        is while the threshold is unset). Rows with no positive activation are left out."""
+        update_running_threshold_(sae.threshold, row_min_mean(codes.values), self.threshold_beta)
 
     def initialize_(self, sae: TopKFamilySAE, x_SD: Tensor, y_SD: Tensor) -> None:
         sae.init_b_dec_(y_SD)
+
+
+def row_min_mean(values_BK: Tensor) -> Tensor:
+    """0-d: the mean over rows of each row's smallest positive value (rows with none left out; 0 if no row has
+    one)."""
+    positive_BK = values_BK > 0
+    row_min_B = torch.where(positive_BK, values_BK, torch.inf).amin(1)
+    has_B = positive_BK.any(1)
+    return torch.where(has_B, row_min_B, 0.0).sum() / has_B.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def update_running_threshold_(threshold: Tensor, estimate: Tensor, beta: float) -> None:
+    """``threshold <- beta * threshold + (1 - beta) * estimate``, or the estimate itself while ``threshold`` is
+    negative (unset); no host sync."""
+    estimate = estimate.to(threshold.dtype)
+    threshold.copy_(torch.where(threshold < 0, estimate, beta * threshold + (1 - beta) * estimate))

@@ -261,14 +261,20 @@ class Trainer:
             raise UserError("the activations ran out before a scheduled resampling could sample any")
         return self._split(torch.cat(batches)[:rows])
 
-    def initialize(self, sample_rows: int = 8192) -> None:
+    def initialize(self, sample_rows: int = 8192, *, keep_weights: bool = False) -> None:
         """Data-dependent set-up before the first step: the input scale (for objectives that normalise) and
-        the objective's initialisation (e.g. ``b_dec`` at the geometric median), from a peek at the buffer."""
+        the objective's initialisation (e.g. ``b_dec`` at the geometric median), from a peek at the buffer.
+        ``keep_weights`` (training from a dictionary's weights, ``--init-from``): no initialisation; the weights,
+        which act on unscaled activations, are rescaled to the scaled inputs (``finish`` scales them back)."""
         sample = self.buffer.peek(sample_rows).to(self.sae.device, self.sae.dtype)
         if self.objective.normalize_inputs:
             inputs = sample[:, : self.sae.d_in]
             # E||x / s||^2 = d_in (Anthropic, April 2024 update): s = sqrt(E||x||^2 / d_in).
             self.input_scale = float(inputs.double().pow(2).sum(1).mean().div(self.sae.d_in).sqrt())
+        if keep_weights:
+            if self.input_scale != 1.0:
+                self.sae.fold_input_scale_(1 / self.input_scale)
+            return
         self.objective.initialize_(self.sae, *self._split(sample))
 
     def finish(self) -> None:
