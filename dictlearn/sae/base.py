@@ -159,6 +159,9 @@ class Objective:
     # into the biases before saving (``SparseAutoencoder.fold_input_scale_``).
     normalize_inputs: ClassVar[bool] = False
 
+    # Adam's (beta1, beta2) for this recipe: PyTorch's defaults unless the recipe's paper says otherwise.
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+
     def loss(self, sae: SparseAutoencoder, x_BD: Tensor, y_BD: Tensor, ctx: StepContext) -> LossOutput:
         raise NotImplementedError
 

@@ -104,6 +104,8 @@ class GatedObjective(Objective):
     """
 
     normalize_inputs = True
+    # Rajamanoharan et al. 2024 (gated SAEs) train with Adam beta1 = 0, as dictionary_learning's GatedSAETrainer.
+    adam_betas = (0.0, 0.999)
 
     def __init__(self, l1_coefficient: float, l1_warmup_fraction: float, total_steps: int) -> None:
         self.l1_coefficient = l1_coefficient

@@ -144,6 +144,8 @@ class JumpReLUObjective(Objective):
     """
 
     normalize_inputs = True
+    # Rajamanoharan et al. 2024 (JumpReLU, section 4) train with Adam beta1 = 0, as dictionary_learning's JumpReluTrainer.
+    adam_betas = (0.0, 0.999)
 
     def __init__(self, l0_coefficient: float, bandwidth: float, l0_warmup_steps: int) -> None:
         self.l0_coefficient = l0_coefficient
