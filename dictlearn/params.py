@@ -495,9 +495,11 @@ class AnalysisParams(Section):
 class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams, description="The language model.")
     data: DataParams = Field(default_factory=DataParams, description="Where text comes from.")
-    hook: str = Field(
+    hook: str | list[str] = Field(
         "blocks.6.hook_resid_post",
-        description="TransformerLens-style hook name, e.g. blocks.6.hook_resid_post or blocks.3.hook_mlp_out.",
+        description="TransformerLens-style hook name, e.g. blocks.6.hook_resid_post or blocks.3.hook_mlp_out; "
+        "training_script.py and get_activations.py also take a list or patterns (blocks.*.hook_resid_post, "
+        "blocks.{2,4,6}.hook_mlp_out, blocks.{0..3}.hook_mlp_in) and serve every hook from one forward.",
     )
     buffer: BufferParams = Field(default_factory=BufferParams, description="The shuffled activation buffer.")
     store: StoreParams = Field(default_factory=StoreParams, description="The on-disk activation store.")
@@ -510,6 +512,16 @@ class Params(Section):
         default_factory=InterpretationParams, description="interpretation.py's scan for top-activating texts."
     )
     analysis: AnalysisParams = Field(default_factory=AnalysisParams, description="analyze.py's feature analysis.")
+
+    @field_validator("hook", mode="before")
+    @classmethod
+    def _hook_names(cls, value: Any) -> Any:
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError(
+            "expected a hook name, a pattern (blocks.*.hook_resid_post) or a non-empty list of them, "
+            f"found {json.dumps(value) if isinstance(value, list | int | float | bool | None) else type(value).__name__}"
+        )
 
     def with_overrides(self, **sections: Any) -> Params:
         """A copy with whole sections or fields replaced (params themselves are never mutated)."""
