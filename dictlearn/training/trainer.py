@@ -155,7 +155,9 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.folder / CHECKPOINT_FILE
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, *, with_buffer: bool = True) -> None:
+        """Everything needed to resume; ``with_buffer=False`` for a buffer shared by several trainers (a sweep),
+        whose state is saved once beside them."""
         torch_save(
             self.checkpoint_path,
             {
@@ -166,7 +168,7 @@ class Trainer:
                 "threads": torch.get_num_threads(),
                 "optimizer": self.optimizer.state_dict(),
                 "tracker": self.tracker.state_dict(),
-                "buffer": self.buffer.state_dict(),
+                "buffer": self.buffer.state_dict() if with_buffer else None,
                 "torch_rng": torch.get_rng_state(),
                 "metrics": self.metrics,
                 "params": self.params.model_dump(mode="json"),
@@ -205,7 +207,8 @@ class Trainer:
             ) from None
         self.input_scale = state["input_scale"]
         self.tracker.load_state_dict(state["tracker"])
-        self.buffer.load_state_dict(state["buffer"])
+        if state["buffer"] is not None:
+            self.buffer.load_state_dict(state["buffer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.tokens, self.metrics = state["step"], state["tokens"], state["metrics"]
         self.last_checkpoint_step = self.step
@@ -227,7 +230,7 @@ class Trainer:
             f"{self.params.train.checkpoint_every} steps); starting over"
         )
 
-    def _write_metrics(self) -> None:
+    def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the records held (at the start of a run, or from a checkpoint's)."""
         lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
         atomic_write(self.folder / METRICS_FILE, lambda temp: temp.write_text(lines))
@@ -296,43 +299,48 @@ class Trainer:
     def fit(self, on_step: Callable[[Trainer, dict], None] = lambda trainer, record: None) -> None:
         """Run until ``train.tokens`` or the end of the data; checkpoints every ``checkpoint_every`` steps."""
         train = self.params.train
-        self._write_metrics()  # fresh, or the records up to the checkpoint being resumed
+        self.write_metrics()  # fresh, or the records up to the checkpoint being resumed
         while self.step < self.total_steps:
             rows_BW = self.buffer.next_batch()
             if rows_BW is None:
                 break
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * self.schedule.factor(self.step)
-            dead_F = self.tracker.dead_mask()
-            ctx = StepContext(self.step, self.total_steps, dead_F.to(self.sae.device))
-            x_BD, y_BD = self._split(rows_BW)
-            out = train_step(
-                self.sae, self.objective, self.optimizer, x_BD, y_BD, ctx, max_grad_norm=train.max_grad_norm
-            )
-            fvu = out.terms["fvu"]
-            self.bad_steps = self.bad_steps + 1 if fvu > DIVERGED_FVU or not math.isfinite(fvu) else 0
-            if not math.isfinite(out.loss) or self.bad_steps >= DIVERGED_STEPS:
-                raise UserError(self._divergence_message(out.loss, fvu))
-            self.tracker.update(out.codes)
-            self.step += 1
-            self.tokens += len(rows_BW)
-            record = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "loss": out.loss,
-                **out.terms,
-                "l0": float((out.codes.values > 0).sum(-1).float().mean()),
-                "dead_fraction": float(dead_F.float().mean()),
-                "lr": self.optimizer.param_groups[0]["lr"],
-            }
-            event = self.objective.scheduled_event(
-                self.sae, EventContext(self.step, self.optimizer, self.tracker.dead_mask(), self._sample)
-            )
-            if event:
-                record.update(event)
-                self.tracker.revive(event.get("resampled_latents"))
-            if self.step % train.log_every == 0 or self.step == self.total_steps or event:
-                self._append_metrics(record)
+            record = self.train_on(rows_BW)
             if self.step % train.checkpoint_every == 0 and self.bad_steps == 0:
                 self.save_checkpoint()
             on_step(self, record)
+
+    def train_on(self, rows_BW: torch.Tensor) -> dict:
+        """One step on a batch of buffer rows; returns its record (appended to the metrics every ``log_every``
+        steps). ``fit`` calls it with its buffer's batches, a sweep with a batch several trainers share."""
+        train = self.params.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * self.schedule.factor(self.step)
+        dead_F = self.tracker.dead_mask()
+        ctx = StepContext(self.step, self.total_steps, dead_F.to(self.sae.device))
+        x_BD, y_BD = self._split(rows_BW)
+        out = train_step(self.sae, self.objective, self.optimizer, x_BD, y_BD, ctx, max_grad_norm=train.max_grad_norm)
+        fvu = out.terms["fvu"]
+        self.bad_steps = self.bad_steps + 1 if fvu > DIVERGED_FVU or not math.isfinite(fvu) else 0
+        if not math.isfinite(out.loss) or self.bad_steps >= DIVERGED_STEPS:
+            raise UserError(self._divergence_message(out.loss, fvu))
+        self.tracker.update(out.codes)
+        self.step += 1
+        self.tokens += len(rows_BW)
+        record = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": out.loss,
+            **out.terms,
+            "l0": float((out.codes.values > 0).sum(-1).float().mean()),
+            "dead_fraction": float(dead_F.float().mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        event = self.objective.scheduled_event(
+            self.sae, EventContext(self.step, self.optimizer, self.tracker.dead_mask(), self._sample)
+        )
+        if event:
+            record.update(event)
+            self.tracker.revive(event.get("resampled_latents"))
+        if self.step % train.log_every == 0 or self.step == self.total_steps or event:
+            self._append_metrics(record)
+        return record
