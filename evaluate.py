@@ -48,7 +48,9 @@ def main() -> None:
         if opened.note:
             print(opened.note)
         size = full_size(opened.params)
-        result = evaluate_dictionary(opened.lm, opened.hook, opened.sae, opened.params, size, progress)
+        result = evaluate_dictionary(
+            opened.lm, opened.hook, opened.sae, opened.params, size, progress, target_hook=opened.target_hook
+        )
         result["label"] = dictionary_label(opened.sae)
         plot_density_histogram(result.pop("density").numpy(), folder)
         write_json(folder / "eval.json", result)

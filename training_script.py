@@ -1,103 +1,105 @@
-"""Train a sparse autoencoder of any registered architecture (``sae.architecture``) at the params' hook.
+"""Train sparse autoencoders of any registered architecture (``sae.architecture``): one at the params' hook, one
+at each of several hooks (a list or a pattern), or every ``sweep`` variant at every hook, all from one forward.
 
     python training_script.py [--params params.json] [--resume | --overwrite | --if-missing]
 
-Writes dictionaries/<model>/<hook>/<run>/: ae.pt, config.json, metrics.jsonl, eval.json, plots.
+Writes dictionaries/<model>/<hook>/<run>/: ae.pt, config.json, metrics.jsonl, eval.json, plots; several runs
+also write dictionaries/<model>/sweeps/<name>/: sweep.json and sweep.png (L0 against FVU).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from dictlearn.activations.source import training_buffer
-from dictlearn.cli import argument_parser, keep_freed_memory, prepare, store_path, threads_from_env
+from dictlearn.activations.source import training_buffers
+from dictlearn.cli import argument_parser, keep_freed_memory, prepare_hooks, threads_from_env
 from dictlearn.errors import UserError, run_script
 from dictlearn.evaluation.evaluate import evaluate_dictionary
-from dictlearn.files import check_output_folder, write_json
-from dictlearn.formats.detect import open_any
-from dictlearn.formats.run_folder import (
-    AE_FILE,
-    check_dictionary_matches,
-    claim_run_folder,
-    dictionary_config,
-    num_latents_of,
-    run_folder,
-    save_dictionary,
-)
-from dictlearn.lm.models import hook_width
+from dictlearn.files import check_output_folder, make_folder, read_json, write_json
+from dictlearn.formats.run_folder import AE_FILE, CHECKPOINT_FILE, EVAL_FILE, claim_run_folder, save_dictionary
 from dictlearn.locks import output_lock
-from dictlearn.report.common import evaluation_rows, plot_density_histogram, plot_training_curves, print_table
-from dictlearn.report.tracking import start_tracking
-from dictlearn.sae.registry import architecture, build_objective, build_sae
+from dictlearn.report.common import (
+    evaluation_rows,
+    plot_density_histogram,
+    plot_sweep,
+    plot_training_curves,
+    print_table,
+)
+from dictlearn.report.tracking import NoTracking, start_tracking
+from dictlearn.training.runs import BUFFERS_FILE, Training, plan_runs, set_up, start_in_step, train_in_step
 from dictlearn.training.trainer import Trainer
 
 
 def main() -> None:
     parser = argument_parser(__doc__.strip().splitlines()[0])
     modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    modes.add_argument("--overwrite", action="store_true", help="remove the run folder's earlier results and train")
-    parser.add_argument(
-        "--init-from",
-        metavar="DICTIONARY",
-        help="start from this dictionary's weights (any format --dictionary reads; same model, hook, width and "
-        "architecture as the params)",
-    )
+    modes.add_argument("--resume", action="store_true", help="continue the run folders' last checkpoints")
+    modes.add_argument("--overwrite", action="store_true", help="remove the run folders' earlier results and train")
     modes.add_argument(
-        "--if-missing", action="store_true", help="do nothing (exit 0) when the run folder already holds a dictionary"
+        "--if-missing", action="store_true", help="train only the runs whose folder holds no dictionary yet"
+    )
+    parser.add_argument(
+        "--init-from", metavar="DICTIONARY", help="start from this dictionary's weights (any format; one run only)"
     )
     args = parser.parse_args()
     threads_from_env()
     keep_freed_memory()
-    params, lm, hook = prepare(args.params, needs_text=True)
-    folder = run_folder(params, lm.short_name, hook.name, hook_width(lm.config, hook))
-    check_output_folder(folder, "train.output_dir")
-    if args.if_missing and (folder / AE_FILE).is_file():
-        print(f"{folder} already holds a trained dictionary; python training_script.py --overwrite trains it again")
+    params, lm, hooks = prepare_hooks(args.params, needs_text=True)
+    runs = plan_runs(params, lm.config, lm.short_name, hooks, args.params)
+    for run in runs:
+        check_output_folder(run.folder, "train.output_dir")
+    if len(runs) == 1 and params.sweep is None:
+        folder = runs[0].folder
+        if args.if_missing and (folder / AE_FILE).is_file():
+            print(f"{folder} already holds a trained dictionary; python training_script.py --overwrite trains it again")
+            return
+        buffer = training_buffers(params, lm, [runs[0].hooks])[0]  # a missing store is refused first
+        with output_lock(folder, "run folder"):
+            claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite)
+            train(params, lm, runs[0], buffer, resume=args.resume, init_from=args.init_from)
         return
-    buffer = training_buffer(params, lm, hook, store_path(params, lm, hook))  # refuses a missing store first
-    with output_lock(folder, "run folder"):
-        claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite)
-        train(params, lm, hook, folder, buffer, resume=args.resume, init_from=args.init_from)
-
-
-def train(params, lm, hook, folder, buffer, *, resume: bool, init_from: str | None = None) -> None:
-    d_in = hook_width(lm.config, hook)
-    torch.manual_seed(params.train.seed)
-    if init_from:
-        sae = initial_weights(init_from, params, lm, hook, d_in).to(lm.device)
-    else:
-        sae = build_sae(params.sae, d_in=d_in, d_out=None, num_latents=num_latents_of(params, d_in), device=lm.device)
-    num_latents = sae.num_latents
-    total_steps = max(1, params.train.tokens // params.buffer.batch_size)
-    objective = build_objective(params.sae, sae, total_steps)
-    lr = params.train.lr or architecture(params.sae.architecture).default_lr(num_latents)
-    trainer = Trainer(sae, objective, buffer, params, folder, lr)
-    config = dictionary_config(
-        params,
-        sae,
-        hook=hook,
-        lr=trainer.lr,
-        steps=trainer.total_steps,
-        warmup_steps=trainer.schedule.warmup_steps,
-        decay_start=trainer.schedule.decay_start,
-        device=str(lm.device),
+    if args.init_from:
+        raise UserError(f"--init-from starts one run; these params plan {len(runs)} (several hooks or a sweep)")
+    sweep_folder = (
+        Path(params.train.output_dir) / lm.short_name / "sweeps" / (params.sweep.name if params.sweep else "hooks")
     )
+    with ExitStack() as locks:
+        locks.enter_context(output_lock(make_folder(sweep_folder, "sweep folder"), "sweep folder"))
+        for run in runs:
+            locks.enter_context(output_lock(run.folder, "run folder"))
+        finished = [
+            run for run in runs if (run.folder / AE_FILE).is_file() and not (run.folder / CHECKPOINT_FILE).is_file()
+        ]
+        skip = finished if (args.resume or args.if_missing) else []
+        pending = [run for run in runs if run not in skip]
+        for run in pending:
+            claim_run_folder(run.folder, resume=args.resume, overwrite=args.overwrite)
+        if not args.resume:
+            (sweep_folder / BUFFERS_FILE).unlink(missing_ok=True)
+        if skip:
+            print(f"{len(skip)} of {len(runs)} runs already hold a dictionary and are left as they are")
+        if pending:
+            sweep(params, lm, pending, sweep_folder, resume=args.resume)
+        summarise(runs, sweep_folder)
+
+
+def train(params, lm, run, buffer, *, resume: bool, init_from: str | None) -> None:
+    training = set_up(run, lm, buffer, init_from=init_from)
+    trainer = training.trainer
     if resume and trainer.checkpoint_path.is_file():
         for note in trainer.load_checkpoint():
             print(note)
-        print(f"resuming {folder} at step {trainer.step} of {trainer.total_steps}")
+        print(f"resuming {run.folder} at step {trainer.step} of {trainer.total_steps}")
     else:
         if resume:
             print(trainer.progress_without_checkpoint())
-        trainer.initialize(keep_weights=bool(init_from))
-    print(
-        f"training a {params.sae.architecture} SAE, {num_latents} latents, on {params.model.name} {hook.name} -> {folder}"
-    )
-    tracker = start_tracking(params, folder)
+        trainer.initialize(keep_weights=init_from is not None)
+    print(describe(training))
+    tracker = start_tracking(params, run.folder)
     start, start_tokens = time.perf_counter(), trainer.tokens
     with tqdm(total=trainer.total_steps * params.buffer.batch_size, initial=trainer.tokens, unit="tok") as bar:
 
@@ -109,40 +111,93 @@ def train(params, lm, hook, folder, buffer, *, resume: bool, init_from: str | No
             )
 
         trainer.fit(on_step=show)
-    seconds = time.perf_counter() - start
+    finish(training, lm, (trainer.tokens - start_tokens) / (time.perf_counter() - start), tracker)
+
+
+def sweep(params, lm, runs, sweep_folder: Path, *, resume: bool) -> None:
+    groups = list(dict.fromkeys(tuple(hook.name for hook in run.hooks) for run in runs))
+    hooks_of = {tuple(hook.name for hook in run.hooks): run.hooks for run in runs}
+    buffers = training_buffers(params, lm, [hooks_of[group] for group in groups])
+    buffer_of = [groups.index(tuple(hook.name for hook in run.hooks)) for run in runs]
+    trainings = [set_up(run, lm, buffers[index]) for run, index in zip(runs, buffer_of, strict=True)]
+    for note in start_in_step(trainings, buffers, sweep_folder, resume):
+        print(note)
+    if params.train.wandb is not None:
+        print("note: train.wandb is not used when several runs train together")
+    print(f"training {len(trainings)} SAEs on {len(groups)} buffers from one forward per batch:")
+    for training in trainings:
+        print(f"  {describe(training)}")
+    first = trainings[0].trainer
+    start, start_tokens = time.perf_counter(), first.tokens
+    with tqdm(total=first.total_steps, initial=first.step, unit="step") as bar:
+
+        def show(training: Training, record: dict) -> None:
+            if training is trainings[-1]:
+                bar.update(record["step"] - bar.n)
+
+        train_in_step(trainings, buffers, buffer_of, sweep_folder, on_step=show)
+    tokens_per_s = (first.tokens - start_tokens) / (time.perf_counter() - start)
+    for training in trainings:
+        finish(training, lm, tokens_per_s, NoTracking())
+    (sweep_folder / BUFFERS_FILE).unlink(missing_ok=True)
+
+
+def describe(training: Training) -> str:
+    run, sae = training.run, training.sae
+    reads = f"{run.hook.name} -> {run.target_hook.name}" if run.target_hook else run.hook.name
+    kind = "transcoder" if run.target_hook else "SAE"
+    return f"a {run.params.sae.architecture} {kind}, {sae.num_latents} latents, on {run.params.model.name} {reads} -> {run.folder}"
+
+
+def finish(training: Training, lm, tokens_per_s: float, tracker) -> None:
+    """Save the dictionary, its plots and its evaluation; remove the checkpoint."""
+    run, trainer = training.run, training.trainer
     if trainer.step < trainer.total_steps:
-        print(f"note: the activations ran out after {trainer.tokens:,} of the {params.train.tokens:,} tokens asked for")
+        print(
+            f"note: the activations ran out after {trainer.tokens:,} of the {run.params.train.tokens:,} tokens asked for"
+        )
     trainer.finish()
-    save_dictionary(folder, sae, config)
-    plot_training_curves(trainer.metrics, folder)
-    result = evaluate_dictionary(lm, hook, sae, params)
-    plot_density_histogram(result.pop("density").numpy(), folder)
-    result["train_tokens"], result["train_tokens_per_s"] = trainer.tokens, (trainer.tokens - start_tokens) / seconds
-    write_json(folder / "eval.json", result)
+    save_dictionary(run.folder, training.sae, training.config)
+    plot_training_curves(trainer.metrics, run.folder)
+    result = evaluate_dictionary(lm, run.hook, training.sae, run.params, target_hook=run.target_hook)
+    plot_density_histogram(result.pop("density").numpy(), run.folder)
+    result["train_tokens"], result["train_tokens_per_s"] = trainer.tokens, tokens_per_s
+    write_json(run.folder / EVAL_FILE, result)
     tracker.summary(result)
     tracker.finish()
     trainer.checkpoint_path.unlink(missing_ok=True)
     print_table(
         evaluation_rows(result) + [["training tokens/s", f"{result['train_tokens_per_s']:,.0f}"]],
-        headers=["evaluation", str(folder)],
+        headers=["evaluation", str(run.folder)],
     )
 
 
-def initial_weights(path: str, params, lm, hook, d_in: int):
-    """The SAE of ``--init-from``: refused in one line when trained on another model, hook or width, or when it
-    is not the params' architecture."""
-    sae, info = open_any(path, params)
-    if info.note:
-        print(info.note)
-    check_dictionary_matches(info.config, sae, model_name=lm.name, hook_name=hook.name, d_in=d_in)
-    if sae.architecture != params.sae.architecture or getattr(sae, "input_norm", False) or sae.d_out != d_in:
-        kind = "an input-normalised topk" if getattr(sae, "input_norm", False) else f"a {sae.architecture}"
-        kind = "a transcoder" if sae.d_out != d_in or getattr(sae, "transcoder", False) else kind
-        raise UserError(
-            f"--init-from {path}: {kind} dictionary cannot start a sae.architecture={params.sae.architecture!r} "
-            "autoencoder run; set sae.architecture to the dictionary's"
+def summarise(runs, sweep_folder: Path) -> None:
+    """The sweep's table, sweep.json and sweep.png, from every run's eval.json."""
+    rows = []
+    for run in runs:
+        result = read_json(run.folder / EVAL_FILE, "evaluation")
+        rows.append(
+            {
+                "hook": run.hook.name + (f" -> {run.target_hook.name}" if run.target_hook else ""),
+                "run": run.folder.name,
+                "l0": result["l0"],
+                "fvu": result["fvu"],
+                "loss_recovered": result.get("loss_recovered"),
+                "dead_fraction": result["dead_fraction"],
+                "folder": str(run.folder),
+            }
         )
-    return sae
+    write_json(sweep_folder / "sweep.json", rows)
+    plot_sweep(rows, sweep_folder / "sweep.png")
+    print_table(
+        [
+            [r["hook"], r["run"], r["l0"], r["fvu"], r["loss_recovered"], f"{100 * r['dead_fraction']:.1f}%"]
+            for r in rows
+        ],
+        headers=["hook", "run", "L0", "FVU", "LM loss recovered", "dead"],
+    )
+    print(f"sweep summary: {sweep_folder / 'sweep.json'}, {sweep_folder / 'sweep.png'}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ VARIANTS: dict[str, dict] = {
     "relu+resampling": {"sae": {"architecture": "relu", "resample_every": 50}},
     "relu april2024": {"sae": {"architecture": "relu", "recipe": "april2024"}},
     "topk transcoder": {
-        "hook": "blocks.6.hook_mlp_in",
+        "hook": "blocks.6.ln2.hook_normalized",
         "sae": {"architecture": "topk", "target_hook": "blocks.6.hook_mlp_out"},
         "train": {"source": "live"},
     },

@@ -64,7 +64,7 @@ def measure(params_path: str, mode: str, tokens: int) -> dict:
                 Path(tmp) / "store", meta, params.store.shard_tokens, getattr(torch, params.store.dtype)
             )
             start = time.perf_counter()
-            meta = write_store(source.iter_chunks(), writer, tokens)
+            meta = write_store(source.iter_chunks, writer, tokens)
             seconds, written = time.perf_counter() - start, meta["tokens"]
     return {
         "mode": mode,

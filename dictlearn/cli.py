@@ -8,7 +8,9 @@ import ctypes
 import os
 from pathlib import Path
 
-from dictlearn.lm.models import HookPoint, LanguageModel, load_config, load_language_model, resolve_hook
+from dictlearn.activations.store import store_folder
+from dictlearn.errors import UserError
+from dictlearn.lm.models import HookPoint, LanguageModel, load_config, load_language_model, resolve_hooks
 from dictlearn.lm.text import check_source
 from dictlearn.params import DEFAULT_PARAMS_PATH, Params, load_params
 
@@ -73,17 +75,29 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def prepare(params_path: str | Path, *, needs_text: bool = True) -> tuple[Params, LanguageModel, HookPoint]:
-    """Load params, check the text source and the hook against the model's config, then load the model."""
+def prepare_hooks(params_path: str | Path, *, needs_text: bool = True) -> tuple[Params, LanguageModel, list[HookPoint]]:
+    """Load params, check the text source and every hook (names, lists, patterns) against the model's config,
+    then load the model."""
     quiet_transformers()
     params = load_params(params_path)
     if needs_text:
         check_source(params.data)
     config = load_config(params.model)
-    hook = resolve_hook(config, params.hook)
+    hooks = resolve_hooks(config, params.hook)
     lm = load_language_model(params.model)
-    return params, lm, hook
+    return params, lm, hooks
+
+
+def prepare(params_path: str | Path, *, needs_text: bool = True) -> tuple[Params, LanguageModel, HookPoint]:
+    """``prepare_hooks`` for a script that reads one hook: several are refused in one line."""
+    params, lm, hooks = prepare_hooks(params_path, needs_text=needs_text)
+    if len(hooks) > 1:
+        raise UserError(
+            f"hook: {params.hook!r} names {len(hooks)} hooks and this script reads one; name one hook "
+            "(training_script.py and get_activations.py take several)"
+        )
+    return params, lm, hooks[0]
 
 
 def store_path(params: Params, lm: LanguageModel, hook: HookPoint) -> Path:
-    return Path(params.store.path.format(model=lm.short_name, hook=hook.name))
+    return store_folder(params, lm.short_name, hook.name)

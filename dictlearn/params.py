@@ -281,6 +281,25 @@ class TrainParams(Section):
     )
 
 
+class SweepVariant(Section):
+    sae: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The sae fields this variant changes (architecture, k, l1_coefficient, num_latents, ...); "
+        "the others are the sae section's (only its common fields when the architecture changes).",
+    )
+    lr: float | None = Field(None, gt=0, description="This variant's learning rate; default train.lr's.")
+    run_name: str | None = Field(None, description="Run folder name; default the one its settings give.")
+
+
+class SweepParams(Section):
+    name: str = Field(
+        "sweep", description="The summary (sweep.json, sweep.png) goes to <output_dir>/<model>/sweeps/<name>/."
+    )
+    variants: list[SweepVariant] = Field(
+        min_length=1, description="SAE variants; each trains at every hook, all from the same activations."
+    )
+
+
 class EvalParams(Section):
     tokens: PositiveInt = Field(
         16384, description="Held-out tokens for reconstruction and sparsity in training_script.py's evaluation."
@@ -519,9 +538,11 @@ class AnalysisParams(Section):
 class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams, description="The language model.")
     data: DataParams = Field(default_factory=DataParams, description="Where text comes from.")
-    hook: str = Field(
+    hook: str | list[str] = Field(
         "blocks.6.hook_resid_post",
-        description="TransformerLens-style hook name, e.g. blocks.6.hook_resid_post or blocks.3.hook_mlp_out.",
+        description="TransformerLens-style hook name, e.g. blocks.6.hook_resid_post or blocks.3.hook_mlp_out; "
+        "training_script.py and get_activations.py also take a list or patterns (blocks.*.hook_resid_post, "
+        "blocks.{2,4,6}.hook_mlp_out, blocks.{0..3}.ln2.hook_normalized) and serve every hook from one forward.",
     )
     buffer: BufferParams = Field(default_factory=BufferParams, description="The shuffled activation buffer.")
     store: StoreParams = Field(default_factory=StoreParams, description="The on-disk activation store.")
@@ -534,6 +555,20 @@ class Params(Section):
         default_factory=InterpretationParams, description="interpretation.py's scan for top-activating texts."
     )
     analysis: AnalysisParams = Field(default_factory=AnalysisParams, description="analyze.py's feature analysis.")
+    sweep: SweepParams | None = Field(
+        None,
+        description="training_script.py: train these SAE variants at every hook in one process; null: the sae section alone.",
+    )
+
+    @field_validator("hook", mode="before")
+    @classmethod
+    def _hook_names(cls, value: Any) -> Any:
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError(
+            "expected a hook name, a pattern (blocks.*.hook_resid_post) or a non-empty list of them, "
+            f"found {json.dumps(value) if isinstance(value, list | int | float | bool | None) else type(value).__name__}"
+        )
 
     def with_overrides(self, **sections: Any) -> Params:
         """A copy with whole sections or fields replaced (params themselves are never mutated)."""
@@ -595,6 +630,24 @@ def parse_params(data: Any, source: str = "params") -> Params:
         return Params.model_validate(data)
     except ValidationError as err:
         raise UserError(format_validation_error(err, source)) from None
+
+
+def run_params(params: Params, hook_name: str, variant: SweepVariant | None, source: str = "params") -> Params:
+    """The params of one run of a sweep (or of several hooks): one hook, the variant's sae fields and lr, no
+    sweep; the same params a separate run of that SAE would have. A variant that does not validate is one line
+    naming it (``source``)."""
+    data = params.model_dump(mode="json")
+    data["hook"], data["sweep"] = hook_name, None
+    if variant is not None:
+        sae = data["sae"]
+        if variant.sae.get("architecture", sae["architecture"]) != sae["architecture"]:
+            sae = {key: value for key, value in sae.items() if key in SAECommon.model_fields}
+        data["sae"] = {**sae, **variant.sae}
+        if variant.lr is not None:
+            data["train"]["lr"] = variant.lr
+        if variant.run_name is not None:
+            data["train"]["run_name"] = variant.run_name
+    return parse_params(data, source=source)
 
 
 def load_params(path: str | Path | None = None) -> Params:

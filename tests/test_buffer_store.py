@@ -55,7 +55,7 @@ def test_buffer_state_round_trip_gives_the_same_batches():
 def test_store_round_trip(tmp_path):
     chunks = list(numbered_chunks(250, 40)(0))
     writer = StoreWriter(tmp_path / "store", {"model": "tiny", "hook": "h", "d_in": D}, shard_tokens=64)
-    meta = write_store(iter(chunks), writer, max_tokens=230)
+    meta = write_store(lambda start: iter(chunks[start:]), writer, max_tokens=230)
     store = ActivationStore(tmp_path / "store")
     assert meta["tokens"] == len(store) == 230 and store.d_in == D
     assert [s["rows"] for s in meta["shards"]] == [64, 64, 64, 38]
@@ -66,15 +66,22 @@ def test_store_round_trip(tmp_path):
     assert [len(c.acts) for c in store.iter_chunks(start=3)] == [38]
 
 
-def test_failed_write_leaves_no_store(tmp_path):
-    def broken():
-        yield from numbered_chunks(100, 40)(0)
+def test_failed_write_leaves_no_store_and_keeps_complete_shards_for_the_rerun(tmp_path):
+    def broken(start):
+        yield from numbered_chunks(100, 40)(start)
         raise RuntimeError("source died")
 
     writer = StoreWriter(tmp_path / "store", {"d_in": D}, shard_tokens=32)
     with pytest.raises(RuntimeError):
-        write_store(broken(), writer, max_tokens=1000)
-    assert not (tmp_path / "store").exists() and not (tmp_path / "store.partial").exists()
+        write_store(broken, writer, max_tokens=1000)
+    assert not (tmp_path / "store").exists()
+    # Three complete shards of 32 rows; the 4 rows past them are not in a shard and are harvested again.
+    kept = sorted(p.name for p in (tmp_path / "store.partial").iterdir())
+    assert kept == ["progress.json", "shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
+    resumed = StoreWriter(tmp_path / "store", {"d_in": D}, shard_tokens=32, resume=True)
+    assert resumed.tokens == 96 and resumed.position == {"batch": 2, "row": 16}
+    other = StoreWriter(tmp_path / "store", {"d_in": D + 1}, shard_tokens=32, resume=True)
+    assert other.tokens == 0 and list((tmp_path / "store.partial").iterdir()) == []
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
@@ -113,7 +120,7 @@ def test_prefetched_keeps_order_raises_and_stops():
 
 def written_store(tmp_path, total: int = 100, shard_tokens: int = 32):
     writer = StoreWriter(tmp_path / "store", {"d_in": D}, shard_tokens=shard_tokens)
-    write_store(numbered_chunks(total, 40)(0), writer, max_tokens=total)
+    write_store(numbered_chunks(total, 40), writer, max_tokens=total)
     return tmp_path / "store"
 
 

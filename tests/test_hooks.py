@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from dictlearn.errors import UserError
-from dictlearn.lm.models import ARCHITECTURES, SITES, capture_activations, hook_width, resolve_hook
+from dictlearn.lm.models import (
+    ARCHITECTURES,
+    SITES,
+    capture_activations,
+    capture_at_hooks,
+    hook_width,
+    resolve_hook,
+    resolve_hooks,
+)
 from dictlearn.params import parse_params
-from tests.conftest import tiny_gpt2, tiny_neox
+from tests.conftest import ToyTokenizer, tiny_gpt2, tiny_neox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +112,90 @@ def test_presets_resolve_on_their_architecture(preset, make_tiny, layers):
     hook = resolve_hook(config, params.hook)
     assert hook.module_path.split(".")[0] in ("gpt_neox", "transformer")
     assert params.data.source == "hub"
+
+
+def test_mlp_in_is_what_the_mlp_reads_and_gives_mlp_out(tiny_model):
+    arch = ARCHITECTURES[tiny_model.config.model_type]
+    with torch.no_grad():
+        mlp_in = _capture(tiny_model, "blocks.1.ln2.hook_normalized")
+        mlp = tiny_model.get_submodule(f"{arch.layers}.1.{arch.mlp}")
+        torch.testing.assert_close(mlp(mlp_in), _capture(tiny_model, "blocks.1.hook_mlp_out"))
+        if not _parallel(tiny_model):  # after the norm: not the residual itself
+            assert not torch.allclose(mlp_in, _capture(tiny_model, "blocks.1.hook_resid_mid"))
+    assert hook_width(tiny_model.config, resolve_hook(tiny_model.config, "blocks.1.ln2.hook_normalized")) == 32
+
+
+def test_hook_patterns_expand_in_order_without_repeats():
+    config = tiny_gpt2().config
+    names = lambda spec: [hook.name for hook in resolve_hooks(config, spec)]  # noqa: E731
+    assert names("blocks.*.hook_resid_post") == [f"blocks.{i}.hook_resid_post" for i in range(3)]
+    assert names("blocks.{2,0}.hook_mlp_out") == ["blocks.2.hook_mlp_out", "blocks.0.hook_mlp_out"]
+    assert names("blocks.{0..1}.{ln2.hook_normalized,hook_mlp_out}") == [
+        "blocks.0.ln2.hook_normalized",
+        "blocks.0.hook_mlp_out",
+        "blocks.1.ln2.hook_normalized",
+        "blocks.1.hook_mlp_out",
+    ]
+    assert names(["blocks.1.hook_mlp_out", "mlp_out_layer1", "blocks.0.hook_resid_pre"]) == [
+        "blocks.1.hook_mlp_out",
+        "blocks.0.hook_resid_pre",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("blocks.{1,}.hook_mlp_out", r"^hook: empty item in \{1,\} in 'blocks\.\{1,\}\.hook_mlp_out'; write a set"),
+        ("blocks.{2..1}.hook_mlp_out", r"^hook: empty range \{2\.\.1\}"),
+        ("blocks.{1,2.hook_mlp_out", r"^hook: unbalanced braces in 'blocks\.\{1,2\.hook_mlp_out'"),
+        ("blocks.1*.hook_mlp_out", r"^hook: '\*' stands for a whole layer number"),
+        ("*.hook_mlp_out", r"^hook: '\*' stands for the layer number"),
+        (
+            "blocks.{0..5}.hook_mlp_out",
+            r"^hook: layer 3 out of range in 'blocks\.3\.hook_mlp_out'; this model has layers 0\.\.2$",
+        ),
+        ("blocks.*.hook_mlp", r"^hook: unknown hook name 'blocks\.0\.hook_mlp'; valid for this model: "),
+    ],
+)
+def test_bad_hook_patterns_are_one_line(spec, message):
+    with pytest.raises(UserError, match=message) as err:
+        resolve_hooks(tiny_gpt2().config, spec)
+    assert "\n" not in str(err.value)
+
+
+def test_an_empty_hook_list_is_refused_by_the_params():
+    with pytest.raises(
+        UserError, match=r"^params: hook: expected a hook name, a pattern .* or a non-empty list of them, found \[\]$"
+    ):
+        parse_params({"hook": []})
+
+
+def test_multi_hook_capture_equals_single_hook_captures(tiny_model):
+    hooks = resolve_hooks(
+        tiny_model.config, ["blocks.2.hook_resid_post", "blocks.0.ln2.hook_normalized", "blocks.1.mlp.hook_post"]
+    )
+    with torch.no_grad():
+        together = capture_at_hooks(tiny_model, hooks, _ids())
+        for hook in hooks:
+            assert torch.equal(together[hook.name], capture_activations(tiny_model, hook, _ids())), hook.name
+
+
+def test_live_chunk_sets_equal_one_hook_sources(tiny_model):
+    from dictlearn.activations.harvest import LiveActivations, SharedPass
+    from dictlearn.lm.models import LanguageModel
+
+    lm = LanguageModel(tiny_model, ToyTokenizer(), "tiny", torch.device("cpu"), torch.float32)
+    windows = lambda: iter(torch.randint(3, 100, (10, 9), generator=torch.Generator().manual_seed(2)).tolist())  # noqa: E731
+    hooks = resolve_hooks(tiny_model.config, ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"])
+    shared = SharedPass(LiveActivations(lm, hooks, windows, 4).iter_chunk_sets)
+    paired, outputs = shared.source([h.name for h in hooks]), shared.source([hooks[1].name])
+    for start in (0, 1):
+        for pair, out, (single_in, single_out) in zip(
+            paired(start),
+            outputs(start),
+            zip(*(LiveActivations(lm, hook, windows, 4).iter_chunks(start) for hook in hooks)),
+            strict=True,
+        ):
+            assert torch.equal(pair.acts, torch.cat([single_in.acts, single_out.acts], 1))
+            assert torch.equal(out.acts, single_out.acts) and torch.equal(out.token_ids, single_out.token_ids)
+    assert len(shared.cache) <= 1

@@ -124,7 +124,8 @@ def test_a_finite_blow_up_stops_before_anything_is_saved(tmp_path):
     trainer.lr = 1000.0
     trainer.sae.init_b_dec_(trainer.buffer.peek(512))
     with pytest.raises(
-        UserError, match=r"training diverged at step \d+: FVU .* \(above 10 since step \d+\); no ae.pt"
+        UserError,
+        match=r"training diverged at step \d+: FVU .* \(above 10 and 10x the best so far since step \d+\); no ae.pt",
     ) as err:
         trainer.fit()
     assert "lower train.lr and run again with --" in str(err.value)

@@ -1,21 +1,22 @@
-"""Capturing activations at a hook over a stream of token windows: the live source of activation rows.
+"""Capturing activations at hooks over a stream of token windows: the live source of activation rows.
 
-``LiveActivations`` runs the model (stopped after the hooked module) on batches of windows and yields the
-rows of real text tokens. It is restartable at any batch, which is what makes training resume exactly:
-skipped batches are tokenised but never run through the model.
+``LiveActivations`` runs the model (stopped after the deepest hooked module) on batches of windows and yields
+the rows of real text tokens at every hook. It is restartable at any batch, which is what makes training resume
+exactly: skipped batches are tokenised but never run through the model. ``SharedPass`` hands one forward's rows
+to several buffers (one per hook, or ``[input | target]`` pairs for transcoders).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import NamedTuple
 
 import torch
 
-from dictlearn.lm.models import HookPoint, LanguageModel, capture_activations
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks
 
 
 class ActivationChunk(NamedTuple):
@@ -78,32 +79,106 @@ def special_token_ids(tokenizer) -> torch.Tensor:
 
 
 class LiveActivations:
-    """Activation rows harvested on the fly from ``windows()``; each chunk is one model batch."""
+    """Activation rows harvested on the fly from ``windows()`` at one or several hooks, all from one forward per
+    model batch; each chunk (or chunk set, hook name -> chunk) is one model batch."""
 
     def __init__(
         self,
         lm: LanguageModel,
-        hook: HookPoint,
+        hooks: HookPoint | Sequence[HookPoint],
         windows: Callable[[], Iterator[list[int]]],
         model_batch_size: int,
         exclude_special_tokens: bool = True,
     ):
         self.lm = lm
-        self.hook = hook
+        self.hooks = [hooks] if isinstance(hooks, HookPoint) else list(hooks)
         self.windows = windows
         self.model_batch_size = model_batch_size
         self.excluded = special_token_ids(lm.tokenizer) if exclude_special_tokens else torch.empty(0, dtype=torch.long)
 
-    def chunk_of(self, input_ids: torch.Tensor) -> ActivationChunk:
-        """Run one batch of windows (B, T) and keep the rows of text tokens."""
+    def chunk_set_of(self, input_ids: torch.Tensor) -> dict[str, ActivationChunk]:
+        """Run one batch of windows (B, T) and keep the rows of text tokens at every hook."""
         with torch.inference_mode():
-            acts_BTD = capture_activations(self.lm.model, self.hook, input_ids.to(self.lm.device))
+            acts = capture_at_hooks(self.lm.model, self.hooks, input_ids.to(self.lm.device))
         keep_BT = ~torch.isin(input_ids, self.excluded)
-        return ActivationChunk(acts_BTD[keep_BT.to(acts_BTD.device)], input_ids[keep_BT])
+        token_ids = input_ids[keep_BT]
+        return {
+            hook.name: ActivationChunk(acts[hook.name][keep_BT.to(acts[hook.name].device)], token_ids)
+            for hook in self.hooks
+        }
 
-    def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
-        """Yield chunks from batch ``start`` on (earlier batches are skipped without a forward)."""
+    def iter_chunk_sets(self, start: int = 0) -> Iterator[dict[str, ActivationChunk]]:
+        """Yield a chunk per hook for every batch from batch ``start`` on (earlier batches are skipped without a
+        forward)."""
         batches = (torch.tensor(batch, dtype=torch.long) for batch in batched(self.windows(), self.model_batch_size))
         for index, input_ids in enumerate(prefetched(batches)):
             if index >= start:
-                yield self.chunk_of(input_ids)
+                yield self.chunk_set_of(input_ids)
+
+    def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
+        """The chunks of a one-hook source from batch ``start`` on."""
+        if len(self.hooks) != 1:
+            raise ValueError(f"iter_chunks reads one hook; this source has {len(self.hooks)}: use iter_chunk_sets")
+        name = self.hooks[0].name
+        return (chunk_set[name] for chunk_set in self.iter_chunk_sets(start))
+
+
+def side_by_side(chunk_set: dict[str, ActivationChunk], names: Sequence[str]) -> ActivationChunk:
+    """The rows of ``names`` concatenated along the width: ``[input | target]`` rows for a transcoder."""
+    if len(names) == 1:
+        return chunk_set[names[0]]
+    return ActivationChunk(torch.cat([chunk_set[name].acts for name in names], dim=1), chunk_set[names[0]].token_ids)
+
+
+class SharedPass:
+    """One pass over ``chunk_sets`` read by several buffers: ``source(names)`` is the chunk source of one buffer.
+
+    Each chunk set is computed once and kept until every reader has passed it, so buffers that read in step
+    (the same size, batch size and seed: they refill at the same steps) hold one chunk set between them, and
+    the model runs once per batch however many hooks and SAEs it feeds. A reader that asks for a chunk already
+    dropped reopens the pass there (the source is restartable), which is how a resumed run starts."""
+
+    def __init__(self, chunk_sets: Callable[[int], Iterator[dict[str, ActivationChunk]]]):
+        self.chunk_sets = chunk_sets
+        self.cache: dict[int, dict[str, ActivationChunk]] = {}
+        self.positions: list[int] = []  # each reader's next chunk index
+        self.end: int | None = None  # index one past the last chunk, once seen
+        self._iterator: Iterator[dict[str, ActivationChunk]] | None = None
+        self._next_index = 0
+
+    def source(self, names: Sequence[str]) -> Callable[[int], Iterator[ActivationChunk]]:
+        reader = len(self.positions)
+        self.positions.append(0)
+        names = list(names)
+
+        def chunks(start: int) -> Iterator[ActivationChunk]:
+            index = start
+            while (chunk_set := self._chunk_set(index, reader)) is not None:
+                yield side_by_side(chunk_set, names)
+                index += 1
+
+        return chunks
+
+    def _chunk_set(self, index: int, reader: int) -> dict[str, ActivationChunk] | None:
+        if index not in self.cache:
+            if self._iterator is None or index < self._next_index:
+                self._reopen(index)
+            while self._next_index <= index and (self.end is None or self._next_index < self.end):
+                chunk_set = next(self._iterator, None)
+                if chunk_set is None:
+                    self.end = self._next_index
+                    break
+                self.cache[self._next_index] = chunk_set
+                self._next_index += 1
+        chunk_set = self.cache.get(index)
+        self.positions[reader] = index + 1
+        oldest = min(self.positions)
+        for stale in [key for key in self.cache if key < oldest]:
+            del self.cache[stale]
+        return chunk_set
+
+    def _reopen(self, index: int) -> None:
+        if self._iterator is not None:
+            self._iterator.close()
+        self._iterator, self._next_index, self.end = self.chunk_sets(index), index, None
+        self.cache.clear()

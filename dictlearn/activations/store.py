@@ -1,14 +1,17 @@
-"""The sharded on-disk activation store: safetensors shards plus ``meta.json``, written atomically.
+"""The sharded on-disk activation store: safetensors shards plus ``meta.json``, resumable after a kill.
 
 A store is a folder of ``shard_00000.safetensors`` files, each holding ``acts`` (N, D) and ``token_ids`` (N,),
 and a ``meta.json`` (model, hook, d_in, dtype, tokens, context size, shards). The writer works in
-``<folder>.partial`` and renames it when done, so a store that exists is always complete.
+``<folder>.partial`` and renames it when done, so a store that exists is always complete. Each shard records
+where in the text it ends (model batch and row), and ``progress.json`` in the partial folder lists the shards
+on disk, so a harvest killed at any moment continues from its last complete shard and ends with the same files
+as one never stopped. Several hooks harvested in one pass write one store each, in step.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,9 +20,10 @@ from safetensors.torch import save_file
 
 from dictlearn.activations.harvest import ActivationChunk
 from dictlearn.errors import UserError
-from dictlearn.files import make_folder, read_json, read_safetensors, write_json
+from dictlearn.files import atomic_write, make_folder, read_json, read_safetensors, write_json
 
 META = "meta.json"
+PROGRESS = "progress.json"
 REHARVEST = "run get_activations.py --overwrite to harvest it again"
 
 
@@ -35,34 +39,90 @@ def harvest_identity(params, hook_name: str, d_in: int) -> dict:
     }
 
 
+def store_folder(params, model_short_name: str, hook_name: str) -> Path:
+    """``store.path`` with the model and hook filled in: a folder per hook."""
+    return Path(params.store.path.format(model=model_short_name, hook=hook_name))
+
+
 class StoreWriter:
     """Append chunks; shards are cut at ``shard_tokens`` rows; ``finish`` writes meta and publishes.
 
     Rows are copied into one of two preallocated shard blocks; a full block is written by a background thread
     while the other fills, so disk writes overlap the model's forward. Memory is two shards, whatever the
-    token count."""
+    token count. With ``resume``, a killed writer's partial folder with the same meta, shard size and dtype is
+    continued from its last complete shard (``position`` says where in the text); otherwise it is replaced."""
 
-    def __init__(self, path: str | Path, meta: dict, shard_tokens: int, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        path: str | Path,
+        meta: dict,
+        shard_tokens: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        resume: bool = False,
+    ):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        # A partial folder here is a killed run's; the caller holds the store's output_lock, so no live writer's.
-        remove_partial(self.partial)
-        make_folder(self.partial, "activation store")
         self.meta = dict(meta)
         self.dtype = dtype
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        # The caller holds the store's output_lock, so a partial folder here is a killed run's, not a live one's.
+        if not (resume and self._resume()):
+            remove_partial(self.partial)
+            make_folder(self.partial, "activation store")
+        self.tokens = sum(shard["rows"] for shard in self.shards)
         self.blocks = [
             (torch.empty(shard_tokens, int(meta["d_in"]), dtype=dtype), torch.empty(shard_tokens, dtype=torch.long))
             for _ in range(2)
         ]
         self.shard_acts, self.shard_token_ids = self.blocks[0]
         self.pending_rows = 0
-        self.shards: list[dict] = []
-        self.tokens = 0
         self.bytes = 0
         self._writer = ThreadPoolExecutor(max_workers=1)
         self._writing: Future | None = None
 
-    def add(self, chunk: ActivationChunk) -> None:
+    def _progress_header(self) -> dict:
+        return {"meta": self.meta, "shard_tokens": self.shard_tokens, "dtype": str(self.dtype)}
+
+    def _resume(self) -> bool:
+        """Take over a killed writer's complete shards; False when there is nothing fit to continue."""
+        progress_path = self.partial / PROGRESS
+        if not progress_path.is_file() or self.partial.is_symlink():
+            return False
+        try:
+            progress = read_json(progress_path, "harvest progress")
+        except UserError:
+            return False
+        shards = progress.get("shards") if isinstance(progress, dict) else None
+        header = {key: progress.get(key) for key in self._progress_header()} if isinstance(progress, dict) else {}
+        if header != self._progress_header() or not isinstance(shards, list):
+            return False
+        if not all(isinstance(s, dict) and (self.partial / str(s.get("file"))).is_file() for s in shards):
+            return False
+        self.shards = shards
+        self.truncate(len(shards))
+        return True
+
+    @property
+    def position(self) -> dict:
+        """Where the text continues: ``{"batch": b, "row": r}`` is row r of model batch b."""
+        return dict(self.shards[-1]["end"]) if self.shards else {"batch": 0, "row": 0}
+
+    def truncate(self, num_shards: int) -> None:
+        """Keep the first ``num_shards`` shards (those of a store harvested in step with this one) and remove
+        every other file a killed writer left (a shard past them, temporary files)."""
+        self.shards = self.shards[:num_shards]
+        self.tokens = sum(shard["rows"] for shard in self.shards)
+        keep = {shard["file"] for shard in self.shards} | {PROGRESS}
+        for path in self.partial.iterdir():
+            if path.name not in keep:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        write_json(self.partial / PROGRESS, {**self._progress_header(), "shards": self.shards})
+
+    def add(self, chunk: ActivationChunk, batch: int, first_row: int = 0) -> None:
+        """Append ``chunk``: the rows of model batch ``batch`` from row ``first_row`` on (for the position a
+        shard ends at)."""
         done = 0
         while done < len(chunk.acts):
             take = min(len(chunk.acts) - done, len(self.shard_acts) - self.pending_rows)
@@ -72,42 +132,54 @@ class StoreWriter:
             self.pending_rows += take
             done += take
             if self.pending_rows == len(self.shard_acts):
-                self._write_shard()
+                self._write_shard({"batch": batch, "row": first_row + done})
 
     def _wait_for_writer(self) -> None:
         if self._writing is not None:
             self._writing.result()  # re-raises a failed write here
             self._writing = None
 
-    def _write_shard(self) -> None:
+    def _write_shard(self, end: dict) -> None:
         rows = self.pending_rows
         name = f"shard_{len(self.shards):05d}.safetensors"
         tensors = {"acts": self.shard_acts[:rows], "token_ids": self.shard_token_ids[:rows]}
         self._wait_for_writer()  # the other block must be on disk before it is refilled
-        self._writing = self._writer.submit(save_file, tensors, str(self.partial / name))
-        self.shards.append({"file": name, "rows": rows})
+        self.shards.append({"file": name, "rows": rows, "end": end})
+        progress = {**self._progress_header(), "shards": list(self.shards)}
+        self._writing = self._writer.submit(self._save, tensors, name, progress)
         self.tokens += rows
         self.pending_rows = 0
         self.blocks.reverse()
         self.shard_acts, self.shard_token_ids = self.blocks[0]
 
-    def finish(self) -> dict:
+    def _save(self, tensors: dict, name: str, progress: dict) -> None:
+        """The shard (whole or not at all), then the progress that lists it: a kill in between loses one shard."""
+        atomic_write(self.partial / name, lambda temp: save_file(tensors, str(temp)))
+        write_json(self.partial / PROGRESS, progress)
+
+    def finish(self, end: dict) -> dict:
+        """Write the last, short shard (ending at ``end``), meta.json, and publish the store."""
         if self.pending_rows:
-            self._write_shard()
+            self._write_shard(end)
         self._wait_for_writer()
         self._writer.shutdown()
         self.bytes = sum((self.partial / shard["file"]).stat().st_size for shard in self.shards)
         meta = {**self.meta, "dtype": str(self.dtype).removeprefix("torch."), "tokens": self.tokens}
         meta["shards"] = self.shards
         write_json(self.partial / META, meta)
+        (self.partial / PROGRESS).unlink()
         if self.path.exists():
             shutil.rmtree(self.path)
         self.partial.rename(self.path)
         return meta
 
-    def abort(self) -> None:
-        self._writer.shutdown(wait=True, cancel_futures=True)
-        remove_partial(self.partial)
+    def close(self) -> None:
+        """Stop after a failure: the shard being written is finished (or lost whole), the rows not yet in a
+        shard are dropped, and the partial folder stays for the next run to continue."""
+        try:
+            self._wait_for_writer()
+        finally:
+            self._writer.shutdown(wait=True, cancel_futures=True)
 
 
 def remove_partial(partial: Path) -> None:
@@ -153,21 +225,50 @@ class ActivationStore:
             yield ActivationChunk(tensors["acts"], tensors["token_ids"].long())
 
 
-def write_store(
-    chunks: Iterator[ActivationChunk], writer: StoreWriter, max_tokens: int, on_rows=lambda rows: None
-) -> dict:
-    """Write chunks until ``max_tokens`` rows (or the source ends); publish the store and return its meta.
+def write_stores(
+    chunk_sets: Callable[[int], Iterator[dict[str, ActivationChunk]]],
+    writers: dict[str, StoreWriter],
+    max_tokens: int,
+    on_rows: Callable[[int], None] = lambda rows: None,
+) -> dict[str, dict]:
+    """Write one store per hook from ``chunk_sets(start_batch)`` (hook name -> chunk, every hook the same rows)
+    until ``max_tokens`` rows each (or the text ends); publish them and return their metas.
 
-    Any failure leaves no store behind (the partial folder is removed)."""
+    Writers that continue a killed harvest start from the last shard every one of them holds (a kill can land
+    between two hooks' shards), and the text from there; batches before it are not run through the model. A
+    failure keeps every complete shard for the next run."""
+    done = min(len(writer.shards) for writer in writers.values())
+    for writer in writers.values():
+        writer.truncate(done)
+    first = next(iter(writers.values()))
+    position, tokens = first.position, first.tokens
+    on_rows(tokens)
+    batch, end = position["batch"], position["row"]
     try:
-        for chunk in chunks:
-            room = max_tokens - writer.tokens - writer.pending_rows
-            chunk = ActivationChunk(chunk.acts[:room], chunk.token_ids[:room])
-            writer.add(chunk)
-            on_rows(len(chunk.acts))
-            if writer.tokens + writer.pending_rows >= max_tokens:
+        for batch, chunk_set in enumerate(chunk_sets(position["batch"]), start=position["batch"]):
+            first_row = position["row"] if batch == position["batch"] else 0
+            end = first_row + max(0, min(max_tokens - tokens, len(next(iter(chunk_set.values())).acts) - first_row))
+            for name, writer in writers.items():
+                chunk = chunk_set[name]
+                writer.add(ActivationChunk(chunk.acts[first_row:end], chunk.token_ids[first_row:end]), batch, first_row)
+            tokens += end - first_row
+            on_rows(end - first_row)
+            if tokens >= max_tokens:
                 break
-        return writer.finish()
+        end_position = {"batch": batch, "row": end} if tokens else {"batch": 0, "row": 0}
+        return {name: writer.finish(end_position) for name, writer in writers.items()}
     except BaseException:
-        writer.abort()
+        for writer in writers.values():
+            writer.close()
         raise
+
+
+def write_store(
+    chunks: Callable[[int], Iterator[ActivationChunk]],
+    writer: StoreWriter,
+    max_tokens: int,
+    on_rows: Callable[[int], None] = lambda rows: None,
+) -> dict:
+    """``write_stores`` for one store: ``chunks(start_batch)`` yields its chunks."""
+    metas = write_stores(lambda start: ({"": chunk} for chunk in chunks(start)), {"": writer}, max_tokens, on_rows)
+    return metas[""]

@@ -61,7 +61,7 @@ def dictionary_at_hook(params: Params, folder: str | Path, model_config=None) ->
     params = params.with_overrides(model={"name": model_name})
     if model_config is None:
         model_config = load_config(params.model)
-    params_hook_name = params.hook
+    params_hook_name = params.hook if isinstance(params.hook, str) else ",".join(params.hook)
     hook = resolve_hook(model_config, trained_hook or params_hook_name)
     try:
         params_hook = resolve_hook(model_config, params_hook_name).name

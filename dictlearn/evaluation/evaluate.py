@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from itertools import islice
 from math import nan
 from string import ascii_lowercase
@@ -25,7 +25,7 @@ from dictlearn.activations.harvest import batched, special_token_ids
 from dictlearn.errors import UserError
 from dictlearn.evaluation.absorption import first_letter_absorption, letter_labels, vocabulary_words, word_activations
 from dictlearn.evaluation.metrics import ReconstructionMetrics, mean_max_cosine_similarity
-from dictlearn.lm.models import HookPoint, LanguageModel, capture_activations
+from dictlearn.lm.models import HookPoint, LanguageModel, capture_at_hooks
 from dictlearn.lm.text import held_out_windows
 from dictlearn.params import Params
 
@@ -182,6 +182,7 @@ def held_out_pass(
     excluded_ids: torch.Tensor,
     lm_loss_windows: int,
     on_batch: Callable[[int], None] = lambda _n: None,
+    target_hook: HookPoint | None = None,
 ) -> dict:
     """Every metric of one pass over ``windows``: reconstruction and sparsity on all of them, and for the first
     ``lm_loss_windows`` (rounded up to whole batches) also the LM loss and KL clean / spliced / zero-ablated.
@@ -191,30 +192,46 @@ def held_out_pass(
     LM batches the reconstruction metrics come from the activation the spliced forward sees, so each batch
     runs the model three times (clean, spliced, zero-ablated) and the SAE once; past them the forward stops
     at the hook. ``on_batch(tokens)`` is called after each batch with its text-token count.
+
+    A transcoder (``target_hook`` set) reads ``hook`` and is spliced in at ``target_hook``: in the same forward
+    the activation at ``hook`` is kept as it is, and the one at ``target_hook`` is replaced by the transcoder's
+    output for it; the metrics compare that output with the target activation, and the zero-ablation baseline
+    zeroes the target.
     """
+    site = target_hook or hook
     metrics = ReconstructionMetrics(sae.num_latents)
     losses = LMLossSums()
     windows_done = 0
     for input_ids, text_BT in _text_batches(lm, windows, batch_size, excluded_ids):
         if windows_done < lm_loss_windows:
+            inputs: dict[str, torch.Tensor] = {}
 
-            def splice(acts_BTD: torch.Tensor, text_BT=text_BT) -> torch.Tensor:
-                x_BD = acts_BTD[text_BT]
-                x_hat_BD, values_BK, indices_BK = reconstruct(sae, x_BD)
-                metrics.update(x_BD, x_hat_BD, values_BK, indices_BK)
+            def keep_input(acts_BTD: torch.Tensor, inputs=inputs) -> torch.Tensor:
+                inputs["x"] = acts_BTD
+                return acts_BTD
+
+            def splice(acts_BTD: torch.Tensor, text_BT=text_BT, inputs=inputs) -> torch.Tensor:
+                y_BD = acts_BTD[text_BT]
+                x_BD = inputs["x"][text_BT] if target_hook is not None else y_BD
+                y_hat_BD, values_BK, indices_BK = reconstruct(sae, x_BD)
+                metrics.update(y_BD, y_hat_BD, values_BK, indices_BK)
                 out = acts_BTD.clone()
-                out[text_BT] = x_hat_BD.to(acts_BTD.dtype)
+                out[text_BT] = y_hat_BD.to(acts_BTD.dtype)
                 return out
 
             clean = lm.model(input_ids).logits
-            with replace_at_hook(lm.model, hook, splice):
+            with ExitStack() as hooks:
+                if target_hook is not None:
+                    hooks.enter_context(replace_at_hook(lm.model, hook, keep_input))
+                hooks.enter_context(replace_at_hook(lm.model, site, splice))
                 spliced = lm.model(input_ids).logits
-            with replace_at_hook(lm.model, hook, _zero_at(text_BT)):
+            with replace_at_hook(lm.model, site, _zero_at(text_BT)):
                 zero = lm.model(input_ids).logits
             losses.update(clean, spliced, zero, input_ids, text_BT)
         else:
-            x_BD = capture_activations(lm.model, hook, input_ids)[text_BT]
-            metrics.update(x_BD, *reconstruct(sae, x_BD))
+            acts = capture_at_hooks(lm.model, [hook, site], input_ids)
+            x_BD, y_BD = acts[hook.name][text_BT], acts[site.name][text_BT]
+            metrics.update(y_BD, *reconstruct(sae, x_BD))
         windows_done += len(input_ids)
         on_batch(int(text_BT.sum()))
     result = metrics.result()
@@ -251,9 +268,11 @@ def evaluate_dictionary(
     params: Params,
     size: EvalSize | None = None,
     progress: Progress = no_progress,
+    target_hook: HookPoint | None = None,
 ) -> dict:
     """Held-out evaluation of ``sae`` at ``hook`` (``size`` defaults to ``post_train_size(params)``): one pass for
     reconstruction, sparsity, LM loss and KL; the decoder's and encoder's redundancy; absorption if asked.
+    A transcoder (``target_hook``) is measured against, and spliced in at, its target hook.
 
     The result's ``tokens`` and ``lm_loss_tokens`` say how much was read: fewer than asked when the held-out
     text runs out (the caller says so); no held-out text at all is a ``UserError``.
@@ -278,6 +297,7 @@ def evaluate_dictionary(
                 excluded_ids=excluded,
                 lm_loss_windows=lm_loss_windows,
                 on_batch=bar.update,
+                target_hook=target_hook,
             )
         except ValueError:
             raise UserError(

@@ -2,8 +2,11 @@
 a forward that stops right after the hooked module.
 
 Hook names are TransformerLens-style (``blocks.{L}.hook_resid_pre``, ``hook_resid_mid``, ``hook_resid_post``,
-``hook_attn_out``, ``hook_mlp_out``, ``mlp.hook_post``, ``ln2.hook_normalized``); ``ARCHITECTURES`` is the one table that maps them onto
-each architecture's modules. dictionary_learning's folder names (``resid_out_layer3``, ``mlp_out_layer3``,
+``hook_attn_out``, ``hook_mlp_out``, ``mlp.hook_post``, ``ln2.hook_normalized``); ``ARCHITECTURES`` is the one
+table that maps them onto each architecture's modules. ``ln2.hook_normalized`` is what the MLP module reads (the
+pre-MLP norm's output, TransformerLens's name for it): sparsify's transcoder hookpoint ``layers.L.mlp`` maps it
+onto ``hook_mlp_out``. ``resolve_hooks`` expands patterns
+(``blocks.*.hook_resid_post``, ``blocks.{2,4,6}.hook_mlp_out``, ``blocks.{0..3}.hook_mlp_out``) into several. dictionary_learning's folder names (``resid_out_layer3``, ``mlp_out_layer3``,
 ``attn_out_layer3``) are accepted as aliases.
 """
 
@@ -36,7 +39,7 @@ class Architecture:
 
     layers: str  # the ModuleList of blocks
     attn: str  # attention module inside a block; its output[0] is hook_attn_out
-    mlp: str  # MLP module inside a block; its output is hook_mlp_out
+    mlp: str  # MLP module inside a block; its input is ln2.hook_normalized, its output hook_mlp_out
     mid_norm: str  # the norm before the MLP; its input is hook_resid_mid (sequential residual only)
     mlp_down: str  # the MLP's output projection; its input is mlp.hook_post
     mlp_in: tuple[str, ...]  # the MLP's input projections, one output row (or column) per hidden neuron
@@ -158,6 +161,53 @@ def resolve_hook(config, name: str) -> HookPoint:
         "ln2.hook_normalized": (f"{block}.{arch.mlp}", "input"),
     }[site]
     return HookPoint(canonical, layer, site, module_path, capture)
+
+
+_BRACES_RE = re.compile(r"\{([^{}]*)\}")
+_RANGE_RE = re.compile(r"^(\d+)\.\.(\d+)$")
+
+
+def _expand_braces(pattern: str, spec: str) -> list[str]:
+    """``a{1,2}b`` -> ``a1b``, ``a2b``; ``a{0..2}b`` -> ``a0b``, ``a1b``, ``a2b`` (every brace, left to right)."""
+    match = _BRACES_RE.search(pattern)
+    if match is None:
+        if "{" in pattern or "}" in pattern:
+            raise UserError(f"hook: unbalanced braces in {spec!r}; write a set as {{2,4,6}} or a range as {{0..5}}")
+        return [pattern]
+    body = match.group(1)
+    if range_match := _RANGE_RE.match(body.strip()):
+        low, high = int(range_match.group(1)), int(range_match.group(2))
+        if low > high:
+            raise UserError(f"hook: empty range {{{body}}} in {spec!r}; write {{low..high}} with low <= high")
+        items = [str(i) for i in range(low, high + 1)]
+    else:
+        items = [item.strip() for item in body.split(",")]
+        if not all(items):
+            raise UserError(
+                f"hook: empty item in {{{body}}} in {spec!r}; write a set as {{2,4,6}} or a range as {{0..5}}"
+            )
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [name for item in items for name in _expand_braces(head + item + tail, spec)]
+
+
+def resolve_hooks(config, spec: str | list[str]) -> list[HookPoint]:
+    """Every hook a ``hook`` param names: one name, a list, or patterns; ``*`` as the layer means every layer,
+    ``{2,4,6}`` a set and ``{0..5}`` a range. In the order given, without repeats; a bad name or pattern is
+    one ``UserError`` line."""
+    hooks: dict[str, HookPoint] = {}
+    for item in [spec] if isinstance(spec, str) else spec:
+        parts = item.split(".")
+        if any("*" in part and part != "*" for part in parts) or parts.count("*") > 1:
+            raise UserError(
+                f"hook: '*' stands for a whole layer number, as in blocks.*.hook_resid_post; found {item!r}"
+            )
+        if "*" in parts and (len(parts) < 2 or parts[0] != "blocks" or parts[1] != "*"):
+            raise UserError(f"hook: '*' stands for the layer number, as in blocks.*.hook_resid_post; found {item!r}")
+        layers = "{0.." + str(config.num_hidden_layers - 1) + "}"
+        for name in _expand_braces(item.replace("*", layers), item):
+            hook = resolve_hook(config, name)
+            hooks.setdefault(hook.name, hook)
+    return list(hooks.values())
 
 
 def hook_width(config, hook: HookPoint) -> int:

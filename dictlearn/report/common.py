@@ -107,3 +107,18 @@ def evaluation_rows(result: dict) -> list[list]:
             ["LM loss recovered", f"{100 * result['loss_recovered']:.2f}%"],
         ]
     return rows
+
+
+def plot_sweep(rows: list[dict], path) -> None:
+    """sweep.png: L0 against FVU, one point per run (labelled with its run name), one colour per hook."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for hook in dict.fromkeys(row["hook"] for row in rows):
+        points = [row for row in rows if row["hook"] == hook]
+        ax.scatter([r["l0"] for r in points], [r["fvu"] for r in points], label=hook)
+        for r in points:
+            ax.annotate(r["run"], (r["l0"], r["fvu"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="L0 (active latents per token)", ylabel="FVU on held-out tokens", title="Sweep: sparsity vs error")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

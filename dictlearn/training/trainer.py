@@ -86,9 +86,10 @@ class DeadLatentTracker:
 # learning rate; logging and checkpoint intervals do not change what is computed.
 RESUMABLE_CHANGES = {"train.lr", "train.max_grad_norm", "train.checkpoint_every", "train.log_every"}
 
-# A step whose FVU is above this is 10x worse than predicting the mean (FVU 1); this many such steps in a row
-# is a run that has left the basin, not a noisy batch. Early TopK steps from the geometric-median init start
-# near FVU 1 and only fall (the default run's first logged FVU is below 1).
+# A step is blown up when its FVU is above this (10x worse than predicting the mean, FVU 1) and also this many
+# times the run's best FVU so far; this many such steps in a row is a run that has left the basin, not a noisy
+# batch. The second condition keeps a run that merely starts high (a transcoder whose unit-norm decoder
+# overshoots a small target) from being stopped while its FVU falls; lr 1000 sends it from ~1 to ~1e14.
 DIVERGED_FVU = 10.0
 DIVERGED_STEPS = 10
 
@@ -147,6 +148,7 @@ class Trainer:
         self.input_scale = 1.0
         self.step = 0
         self.bad_steps = 0  # consecutive steps with a blown-up FVU (see DIVERGED_FVU)
+        self.best_fvu = math.inf
         self.tokens = 0
         self.metrics: list[dict] = []
         self.last_checkpoint_step: int | None = None
@@ -155,7 +157,9 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.folder / CHECKPOINT_FILE
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, *, with_buffer: bool = True) -> None:
+        """Everything needed to resume; ``with_buffer=False`` for a buffer shared by several trainers (a sweep),
+        whose state is saved once beside them."""
         torch_save(
             self.checkpoint_path,
             {
@@ -163,10 +167,11 @@ class Trainer:
                 "tokens": self.tokens,
                 "sae": self.sae.state_dict(),
                 "input_scale": self.input_scale,
+                "best_fvu": self.best_fvu,
                 "threads": torch.get_num_threads(),
                 "optimizer": self.optimizer.state_dict(),
                 "tracker": self.tracker.state_dict(),
-                "buffer": self.buffer.state_dict(),
+                "buffer": self.buffer.state_dict() if with_buffer else None,
                 "torch_rng": torch.get_rng_state(),
                 "metrics": self.metrics,
                 "params": self.params.model_dump(mode="json"),
@@ -204,8 +209,10 @@ class Trainer:
                 f"{self.checkpoint_path} does not fit this SAE ({err}); start over with --overwrite"
             ) from None
         self.input_scale = state["input_scale"]
+        self.best_fvu = state.get("best_fvu", math.inf)
         self.tracker.load_state_dict(state["tracker"])
-        self.buffer.load_state_dict(state["buffer"])
+        if state["buffer"] is not None:
+            self.buffer.load_state_dict(state["buffer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.tokens, self.metrics = state["step"], state["tokens"], state["metrics"]
         self.last_checkpoint_step = self.step
@@ -227,7 +234,7 @@ class Trainer:
             f"{self.params.train.checkpoint_every} steps); starting over"
         )
 
-    def _write_metrics(self) -> None:
+    def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the records held (at the start of a run, or from a checkpoint's)."""
         lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
         atomic_write(self.folder / METRICS_FILE, lambda temp: temp.write_text(lines))
@@ -288,7 +295,7 @@ class Trainer:
         what = (
             f"loss {loss}"
             if not math.isfinite(loss)
-            else f"FVU {fvu:.3g} (above {DIVERGED_FVU:g} since step {first_bad})"
+            else f"FVU {fvu:.3g} (above {DIVERGED_FVU:g} and {DIVERGED_FVU:g}x the best so far since step {first_bad})"
         )
         if self.last_checkpoint_step is not None:
             where = (
@@ -302,44 +309,51 @@ class Trainer:
     def fit(self, on_step: Callable[[Trainer, dict], None] = lambda trainer, record: None) -> None:
         """Run until ``train.tokens`` or the end of the data; checkpoints every ``checkpoint_every`` steps."""
         train = self.params.train
-        self._write_metrics()  # fresh, or the records up to the checkpoint being resumed
+        self.write_metrics()  # fresh, or the records up to the checkpoint being resumed
         while self.step < self.total_steps:
             rows_BW = self.buffer.next_batch()
             if rows_BW is None:
                 break
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * self.schedule.factor(self.step)
-            dead_F = self.tracker.dead_mask()
-            ctx = StepContext(self.step, self.total_steps, dead_F.to(self.sae.device))
-            x_BD, y_BD = self._split(rows_BW)
-            out = train_step(
-                self.sae, self.objective, self.optimizer, x_BD, y_BD, ctx, max_grad_norm=train.max_grad_norm
-            )
-            fvu = out.terms["fvu"]
-            self.bad_steps = self.bad_steps + 1 if fvu > DIVERGED_FVU or not math.isfinite(fvu) else 0
-            if not math.isfinite(out.loss) or self.bad_steps >= DIVERGED_STEPS:
-                raise UserError(self._divergence_message(out.loss, fvu))
-            self.tracker.update(out.codes)
-            self.step += 1
-            self.tokens += len(rows_BW)
-            record = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "loss": out.loss,
-                **out.terms,
-                "l0": float((out.codes.values > 0).sum(-1).float().mean()),
-                "dead_fraction": float(dead_F.float().mean()),
-                "lr": self.optimizer.param_groups[0]["lr"],
-            }
-            event = self.objective.scheduled_event(
-                self.sae, EventContext(self.step, self.optimizer, self.tracker.dead_mask(), self._sample)
-            )
-            if event:
-                # A tensor, not a metric: the latents the event re-initialised, whose counters start again.
-                self.tracker.revive(event.pop("revived_latents", None))
-                record.update(event)
-            if self.step % train.log_every == 0 or self.step == self.total_steps or event:
-                self._append_metrics(record)
+            record = self.train_on(rows_BW)
             if self.step % train.checkpoint_every == 0 and self.bad_steps == 0:
                 self.save_checkpoint()
             on_step(self, record)
+
+    def train_on(self, rows_BW: torch.Tensor) -> dict:
+        """One step on a batch of buffer rows; returns its record (appended to the metrics every ``log_every``
+        steps). ``fit`` calls it with its buffer's batches, a sweep with a batch several trainers share."""
+        train = self.params.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * self.schedule.factor(self.step)
+        dead_F = self.tracker.dead_mask()
+        ctx = StepContext(self.step, self.total_steps, dead_F.to(self.sae.device))
+        x_BD, y_BD = self._split(rows_BW)
+        out = train_step(self.sae, self.objective, self.optimizer, x_BD, y_BD, ctx, max_grad_norm=train.max_grad_norm)
+        fvu = out.terms["fvu"]
+        blown_up = not math.isfinite(fvu) or (fvu > DIVERGED_FVU and fvu > DIVERGED_FVU * self.best_fvu)
+        self.bad_steps = self.bad_steps + 1 if blown_up else 0
+        self.best_fvu = min(self.best_fvu, fvu) if math.isfinite(fvu) else self.best_fvu
+        if not math.isfinite(out.loss) or self.bad_steps >= DIVERGED_STEPS:
+            raise UserError(self._divergence_message(out.loss, fvu))
+        self.tracker.update(out.codes)
+        self.step += 1
+        self.tokens += len(rows_BW)
+        record = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": out.loss,
+            **out.terms,
+            "l0": float((out.codes.values > 0).sum(-1).float().mean()),
+            "dead_fraction": float(dead_F.float().mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        event = self.objective.scheduled_event(
+            self.sae, EventContext(self.step, self.optimizer, self.tracker.dead_mask(), self._sample)
+        )
+        if event:
+            # A tensor, not a metric: the latents the event re-initialised, whose counters start again.
+            self.tracker.revive(event.pop("revived_latents", None))
+            record.update(event)
+        if self.step % train.log_every == 0 or self.step == self.total_steps or event:
+            self._append_metrics(record)
+        return record
