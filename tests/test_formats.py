@@ -488,7 +488,7 @@ def test_init_from_refuses_another_model_hook_or_architecture():
     from types import SimpleNamespace
 
     from dictlearn.params import parse_params
-    from training_script import initial_weights
+    from dictlearn.training.runs import initial_weights
 
     params = parse_params({"model": {"name": "smollm2-135m"}, "hook": "blocks.6.hook_resid_post"}, source="t")
     lm, hook = (
