@@ -244,7 +244,16 @@ class TrainParams(Section):
     decay_start_fraction: float = Field(
         0.8, gt=0, le=1, description="Linear decay to zero starts here (Gao et al.: the last 20% of training)."
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    grad_normalization: Literal["unit", "running", "none"] = Field(
+        "unit",
+        description="How the gradient's norm is set before clipping and Adam: 'unit' rescales it to 1 on every step "
+        "(the default: the FVU gradient shrinks about 40x early in a run, and Adam's memory of the large early "
+        "gradients then keeps later steps small; see dictlearn.training.step.GradientRule), 'running' clips it to "
+        "a running average of the previous steps' norms, 'none' leaves it to max_grad_norm.",
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Gradient clipping norm, applied after grad_normalization (with 'unit', 1.0 never acts)."
+    )
     seed: int = Field(0, description="Seed for initialisation and the buffer's shuffling.")
     checkpoint_every: PositiveInt = Field(50, description="Steps between checkpoints (for --resume).")
     log_every: PositiveInt = Field(5, description="Steps between metrics.jsonl records.")
