@@ -29,7 +29,7 @@ from dictlearn.sae.base import StepContext  # noqa: E402
 from dictlearn.sae.kernels import top_k_indices  # noqa: E402
 from dictlearn.sae.losses import auxk_loss  # noqa: E402
 from dictlearn.sae.topk import TopKObjective, TopKSAE  # noqa: E402
-from dictlearn.training.step import train_step  # noqa: E402
+from dictlearn.training.step import GradientRule, train_step  # noqa: E402
 from dictlearn.training.trainer import adam  # noqa: E402
 
 THREADS = 2
@@ -81,7 +81,7 @@ def time_sparse_backward_nodes(loss: torch.Tensor, seconds: dict[str, float]) ->
             node.register_hook(after(node))
 
 
-def breakdown(sae, objective, optimizer, batches, dead_mask_F) -> list[tuple[str, float, bool]]:
+def breakdown(sae, objective, optimizer, gradient_rule, batches, dead_mask_F) -> list[tuple[str, float, bool]]:
     """(phase, ms per step, whether it is part of the phase above) over BREAKDOWN_STEPS steps, timed with
     ``time.perf_counter``.
 
@@ -119,6 +119,8 @@ def breakdown(sae, objective, optimizer, batches, dead_mask_F) -> list[tuple[str
         mark("backward")
         objective.before_optimizer_step(sae)
         mark("project")
+        gradient_rule.apply_(sae.parameters())
+        mark("rule")
         torch.nn.utils.clip_grad_norm_(sae.parameters(), MAX_GRAD_NORM)
         mark("clip")
         optimizer.step()
@@ -141,6 +143,7 @@ def breakdown(sae, objective, optimizer, batches, dead_mask_F) -> list[tuple[str
         ("of which sparse decode nodes (top-k, AuxK)", ms["_SparseDecodeBackward"], True),
         ("of which sparse gather nodes (top-k, AuxK)", ms["_GatherPreActsBackward"], True),
         ("decoder-gradient projection", ms["project"], False),
+        ("gradient rule (unit norm)", ms["rule"], False),
         ("gradient clipping", ms["clip"], False),
         ("optimizer (trainer's adam())", ms["adam"], False),
         ("zero_grad", ms["zero_grad"], False),
@@ -159,6 +162,7 @@ def dead_mask(fraction: float) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--default-malloc", action="store_true", help="skip keep_freed_memory()")
+    parser.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per case")
     args = parser.parse_args()
     # Other processes on the machine take cores from both the steps and the matmul reference; report it.
     load_before = os.getloadavg()[0]
@@ -172,6 +176,7 @@ def main() -> None:
     batches = [torch.randn(BATCH_SIZE, D_IN) for _ in range(4)]
     objective.initialize_(sae, batches[0][:1024], batches[0][:1024])
     optimizer = adam(sae, LR)
+    gradient_rule = GradientRule()  # the trainer's default
     cases = {"plain (no dead latent)": dead_mask(0.0)}
     cases.update({f"{fraction:.0%} dead, AuxK over {AUX_K}": dead_mask(fraction) for fraction in DEAD_FRACTIONS})
 
@@ -179,7 +184,14 @@ def main() -> None:
         x_BD = batches[i % len(batches)]
         start = time.perf_counter()
         train_step(
-            sae, objective, optimizer, x_BD, x_BD, StepContext(i, TIMED_STEPS, dead_F), max_grad_norm=MAX_GRAD_NORM
+            sae,
+            objective,
+            optimizer,
+            x_BD,
+            x_BD,
+            StepContext(i, TIMED_STEPS, dead_F),
+            max_grad_norm=MAX_GRAD_NORM,
+            gradient_rule=gradient_rule,
         )
         return time.perf_counter() - start
 
@@ -190,7 +202,7 @@ def main() -> None:
     matmul_before = matmul_seconds(batches[0], W_FD)
     # The cases take turns step by step, so a change in the machine's load falls on all of them alike.
     seconds = {name: [] for name in cases}
-    for i in range(TIMED_STEPS):
+    for i in range(args.steps):
         for name, dead_F in cases.items():
             seconds[name].append(step(i, dead_F))
     matmul_after = matmul_seconds(batches[0], W_FD)
@@ -203,7 +215,7 @@ def main() -> None:
         f"malloc {'default' if args.default_malloc else 'keep freed memory'}, "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, 1-min load average before start {load_before:.2f}"
     )
-    print(f"training, {TIMED_STEPS} steps per case, the cases interleaved:")
+    print(f"training, {args.steps} steps per case, the cases interleaved:")
     median = {name: statistics.median(times) for name, times in seconds.items()}
     for name, times in seconds.items():
         mean = sum(times) / len(times)
@@ -222,7 +234,7 @@ def main() -> None:
         f"{BATCH_SIZE / matmul:,.0f} tokens/s; plain step / lower bound: {plain / matmul:.2f}"
     )
 
-    rows = breakdown(sae, objective, optimizer, batches, cases[f"50% dead, AuxK over {AUX_K}"])
+    rows = breakdown(sae, objective, optimizer, gradient_rule, batches, cases[f"50% dead, AuxK over {AUX_K}"])
     total = sum(ms for _, ms, part in rows if not part)
     print(f"breakdown of a half-dead step, ms per step over {BREAKDOWN_STEPS} steps:")
     for name, ms, part in rows:
