@@ -1,8 +1,9 @@
-"""Training speed of the TopK SAE (``dictlearn.step.sae_step``) on a fixed synthetic CPU workload.
+"""Training speed of the TopK SAE (``dictlearn.training.step.train_step``) on a fixed synthetic CPU workload.
 
-Prints tokens/s, the machine's fp32 matmul rate, the lower bound for one step (the dense encoder matmul, the
-only dense product left once the backward is sparse), the ratio of the two, and where a step's time goes.
-Plain figures, no asserts. Usage: ``.venv/bin/python bench/train_speed.py [--default-malloc]``.
+Prints tokens/s with no dead latent (plain), with 10% and with half of the latents dead (AuxK over ``AUX_K`` of
+them), the half-dead / plain step-time ratio, the machine's fp32 matmul rate, the lower bound for one step (the
+dense encoder matmul, the only dense product left once the backward is sparse), and where a half-dead step's
+time goes. The optimiser is the trainer's own ``adam()``. Plain figures, no asserts. Usage: ``.venv/bin/python bench/train_speed.py [--default-malloc]``.
 """
 
 import os
@@ -24,14 +25,17 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dictlearn.cli import keep_freed_memory  # noqa: E402
-from dictlearn.sae.losses import auxk_loss, fvu  # noqa: E402
-from dictlearn.sae.topk import TopKSAE, top_k_indices  # noqa: E402
-from dictlearn.training.step import sae_step  # noqa: E402
+from dictlearn.sae.base import StepContext  # noqa: E402
+from dictlearn.sae.kernels import top_k_indices  # noqa: E402
+from dictlearn.sae.losses import auxk_loss  # noqa: E402
+from dictlearn.sae.topk import TopKObjective, TopKSAE  # noqa: E402
+from dictlearn.training.step import GradientRule, train_step  # noqa: E402
+from dictlearn.training.trainer import adam  # noqa: E402
 
 THREADS = 2
 D_IN, NUM_LATENTS, K, AUX_K = 512, 8192, 32, 256
 BATCH_SIZE = 4096
-DEAD_FRACTION = 0.10
+DEAD_FRACTIONS = (0.10, 0.5)
 WARMUP_STEPS, TIMED_STEPS, BREAKDOWN_STEPS = 3, 20, 5
 AUX_COEF, MAX_GRAD_NORM, LR = 1 / 32, 1.0, 1e-4
 
@@ -77,13 +81,13 @@ def time_sparse_backward_nodes(loss: torch.Tensor, seconds: dict[str, float]) ->
             node.register_hook(after(node))
 
 
-def breakdown(sae, optimizer, batches, dead_mask_F) -> list[tuple[str, float, bool]]:
+def breakdown(sae, objective, optimizer, gradient_rule, batches, dead_mask_F) -> list[tuple[str, float, bool]]:
     """(phase, ms per step, whether it is part of the phase above) over BREAKDOWN_STEPS steps, timed with
     ``time.perf_counter``.
 
-    The phases call the same functions in the same order as ``sae_step``. The encoder's matmul and top-k are
-    re-run on their own after ``encode`` so their share can be taken out of it; the backward is split by
-    hooks on its sparse autograd nodes.
+    The phases call the same functions in the same order as ``train_step`` under ``TopKObjective``. The
+    encoder's matmul and top-k are re-run on their own after ``reconstruction`` so their share can be taken out
+    of it; the backward is split by hooks on its sparse autograd nodes.
     """
     seconds: dict[str, float] = {}
     last = time.perf_counter()
@@ -96,28 +100,27 @@ def breakdown(sae, optimizer, batches, dead_mask_F) -> list[tuple[str, float, bo
 
     for step in range(BREAKDOWN_STEPS):
         x_BD = batches[step % len(batches)]
+        ctx = StepContext(step, BREAKDOWN_STEPS, dead_mask_F)
         last = time.perf_counter()
-        top_acts_BK, top_indices_BK, pre_acts_BF = sae.encode(x_BD)
-        mark("encode")
+        codes, x_hat_BD, fvu_loss, _ = objective.reconstruction(sae, x_BD, x_BD, ctx)
+        mark("forward")
         with torch.no_grad():
-            # The same product into encode's own output (same values), so no allocation is timed here.
-            torch.addmm(sae.b_enc, x_BD - sae.b_dec, sae.W_enc.T, out=pre_acts_BF)
+            # The same product into the forward's own output (same values), so no allocation is timed here.
+            torch.addmm(sae.b_enc, x_BD - sae.b_dec, sae.W_enc.T, out=codes.pre_acts)
         mark("matmul")
-        top_k_indices(pre_acts_BF, K)
+        top_k_indices(codes.pre_acts, K)
         mark("topk")
-        x_hat_BD = sae.decode(top_acts_BK, top_indices_BK)
-        mark("decode")
-        fvu_loss = fvu(x_BD, x_hat_BD)
-        mark("fvu")
-        aux_loss = auxk_loss(sae, x_BD, x_hat_BD, pre_acts_BF, dead_mask_F, AUX_K)
+        aux_loss = auxk_loss(sae, x_BD, x_BD, x_hat_BD, codes.pre_acts, dead_mask_F, AUX_K)
         mark("auxk")
         loss = fvu_loss + AUX_COEF * aux_loss
         time_sparse_backward_nodes(loss, seconds)
         last = time.perf_counter()
         loss.backward()
         mark("backward")
-        sae.remove_gradient_parallel_to_decoder_directions_()
+        objective.before_optimizer_step(sae)
         mark("project")
+        gradient_rule.apply_(sae.parameters())
+        mark("rule")
         torch.nn.utils.clip_grad_norm_(sae.parameters(), MAX_GRAD_NORM)
         mark("clip")
         optimizer.step()
@@ -128,31 +131,38 @@ def breakdown(sae, optimizer, batches, dead_mask_F) -> list[tuple[str, float, bo
         mark("renorm")
         _ = (loss.item(), fvu_loss.item(), aux_loss.item())
         mark("item")
-        del top_acts_BK, top_indices_BK, pre_acts_BF, x_hat_BD, fvu_loss, aux_loss, loss
+        del codes, x_hat_BD, fvu_loss, aux_loss, loss
 
     ms = {name: s / BREAKDOWN_STEPS * 1e3 for name, s in seconds.items()}
     return [
-        ("encode", ms["encode"], False),
+        ("forward (encode, decode, fvu)", ms["forward"], False),
         ("of which encoder matmul (dense, no autograd)", ms["matmul"], True),
         ("of which top-k selection", ms["topk"], True),
-        ("decode forward (embedding_bag)", ms["decode"], False),
-        ("fvu forward", ms["fvu"], False),
         ("AuxK forward (dead top-k, gather, decode)", ms["auxk"], False),
         ("backward", ms["backward"], False),
         ("of which sparse decode nodes (top-k, AuxK)", ms["_SparseDecodeBackward"], True),
         ("of which sparse gather nodes (top-k, AuxK)", ms["_GatherPreActsBackward"], True),
         ("decoder-gradient projection", ms["project"], False),
+        ("gradient rule (unit norm)", ms["rule"], False),
         ("gradient clipping", ms["clip"], False),
-        ("optimizer (Adam, fused)", ms["adam"], False),
+        ("optimizer (trainer's adam())", ms["adam"], False),
         ("zero_grad", ms["zero_grad"], False),
         ("decoder renorm", ms["renorm"], False),
         ("loss .item()", ms["item"], False),
     ]
 
 
+def dead_mask(fraction: float) -> torch.Tensor:
+    """bool (F,): ``fraction`` of the latents, drawn at random, marked dead."""
+    dead_mask_F = torch.zeros(NUM_LATENTS, dtype=torch.bool)
+    dead_mask_F[torch.randperm(NUM_LATENTS)[: int(fraction * NUM_LATENTS)]] = True
+    return dead_mask_F
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--default-malloc", action="store_true", help="skip keep_freed_memory()")
+    parser.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per case")
     args = parser.parse_args()
     # Other processes on the machine take cores from both the steps and the matmul reference; report it.
     load_before = os.getloadavg()[0]
@@ -162,81 +172,74 @@ def main() -> None:
     torch.manual_seed(0)
 
     sae = TopKSAE(D_IN, NUM_LATENTS, K, seed=0)
+    objective = TopKObjective(AUX_K, AUX_COEF)
     batches = [torch.randn(BATCH_SIZE, D_IN) for _ in range(4)]
-    sae.init_b_dec_(batches[0][:1024])
-    optimizer = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
-    dead_mask_F = torch.zeros(NUM_LATENTS, dtype=torch.bool)
-    dead_mask_F[torch.randperm(NUM_LATENTS)[: int(DEAD_FRACTION * NUM_LATENTS)]] = True
+    objective.initialize_(sae, batches[0][:1024], batches[0][:1024])
+    optimizer = adam(sae, LR)
+    gradient_rule = GradientRule()  # the trainer's default
+    cases = {"plain (no dead latent)": dead_mask(0.0)}
+    cases.update({f"{fraction:.0%} dead, AuxK over {AUX_K}": dead_mask(fraction) for fraction in DEAD_FRACTIONS})
 
-    def step(i: int, dead_F: torch.Tensor = dead_mask_F) -> None:
-        sae_step(
+    def step(i: int, dead_F: torch.Tensor) -> float:
+        x_BD = batches[i % len(batches)]
+        start = time.perf_counter()
+        train_step(
             sae,
+            objective,
             optimizer,
-            batches[i % len(batches)],
-            dead_F,
-            aux_k=AUX_K,
-            aux_coef=AUX_COEF,
+            x_BD,
+            x_BD,
+            StepContext(i, TIMED_STEPS, dead_F),
             max_grad_norm=MAX_GRAD_NORM,
+            gradient_rule=gradient_rule,
         )
+        return time.perf_counter() - start
 
     for i in range(WARMUP_STEPS):
-        step(i)
+        for dead_F in cases.values():
+            step(i, dead_F)
     W_FD = torch.randn(NUM_LATENTS, D_IN)
     matmul_before = matmul_seconds(batches[0], W_FD)
-    step_seconds = []
-    for i in range(TIMED_STEPS):
-        start = time.perf_counter()
-        step(i)
-        step_seconds.append(time.perf_counter() - start)
+    # The cases take turns step by step, so a change in the machine's load falls on all of them alike.
+    seconds = {name: [] for name in cases}
+    for i in range(args.steps):
+        for name, dead_F in cases.items():
+            seconds[name].append(step(i, dead_F))
     matmul_after = matmul_seconds(batches[0], W_FD)
-    # The same workload with no dead latent: AuxK has nothing to do, as for most of a healthy run (the
-    # default run on the embedded model ends with 0 dead latents).
-    none_dead_F = torch.zeros_like(dead_mask_F)
-    quiet_seconds = []
-    for i in range(TIMED_STEPS):
-        start = time.perf_counter()
-        step(i, none_dead_F)
-        quiet_seconds.append(time.perf_counter() - start)
 
     flop = 2 * BATCH_SIZE * D_IN * NUM_LATENTS
     matmul = (matmul_before + matmul_after) / 2
-    mean_step = sum(step_seconds) / len(step_seconds)
     print(
-        f"workload: d_in {D_IN}, latents {NUM_LATENTS}, k {K}, aux_k {AUX_K}, "
-        f"{dead_mask_F.sum().item()} dead, batch {BATCH_SIZE}, fp32, {torch.get_num_threads()} threads, "
-        f"Adam(fused=True), malloc {'default' if args.default_malloc else 'keep freed memory'}, "
+        f"workload: d_in {D_IN}, latents {NUM_LATENTS}, k {K}, aux_k {AUX_K}, batch {BATCH_SIZE}, fp32, "
+        f"{torch.get_num_threads()} threads, {type(optimizer).__name__}(fused={optimizer.defaults.get('fused')}), "
+        f"malloc {'default' if args.default_malloc else 'keep freed memory'}, "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, 1-min load average before start {load_before:.2f}"
     )
-    median_step = statistics.median(step_seconds)
-    print(
-        f"training: {BATCH_SIZE / mean_step:,.0f} tokens/s over {TIMED_STEPS} steps "
-        f"({BATCH_SIZE / median_step:,.0f} at the median step)"
-    )
-    quiet_step = sum(quiet_seconds) / len(quiet_seconds)
-    print(
-        f"training with no dead latents (AuxK idle): {BATCH_SIZE / quiet_step:,.0f} tokens/s "
-        f"({quiet_step * 1e3:.1f} ms/step)"
-    )
-    print(
-        f"step time: mean {mean_step * 1e3:.1f} ms, median {median_step * 1e3:.1f} ms, "
-        f"min {min(step_seconds) * 1e3:.1f} ms, max {max(step_seconds) * 1e3:.1f} ms"
-    )
+    print(f"training, {args.steps} steps per case, the cases interleaved:")
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    for name, times in seconds.items():
+        mean = sum(times) / len(times)
+        print(
+            f"  {name:<30} {BATCH_SIZE / mean:>8,.0f} tokens/s  (mean {mean * 1e3:.1f} ms, "
+            f"median {median[name] * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms)"
+        )
+    plain, half_dead = median["plain (no dead latent)"], median[f"50% dead, AuxK over {AUX_K}"]
+    print(f"half dead / plain (median step): {half_dead / plain:.2f}x")
     print(
         f"fp32 matmul ({BATCH_SIZE}x{D_IN})@({D_IN}x{NUM_LATENTS}): {flop / matmul / 1e9:.1f} GFLOP/s "
         f"(before {flop / matmul_before / 1e9:.1f}, after {flop / matmul_after / 1e9:.1f})"
     )
     print(
         f"lower bound (dense encoder forward, {flop / 1e9:.1f} GFLOP): {matmul * 1e3:.1f} ms/step = "
-        f"{BATCH_SIZE / matmul:,.0f} tokens/s"
+        f"{BATCH_SIZE / matmul:,.0f} tokens/s; plain step / lower bound: {plain / matmul:.2f}"
     )
-    print(f"measured / lower bound: {mean_step / matmul:.2f}")
 
-    rows = breakdown(sae, optimizer, batches, dead_mask_F)
+    rows = breakdown(sae, objective, optimizer, gradient_rule, batches, cases[f"50% dead, AuxK over {AUX_K}"])
     total = sum(ms for _, ms, part in rows if not part)
-    print(f"breakdown, ms per step over {BREAKDOWN_STEPS} steps:")
+    print(f"breakdown of a half-dead step, ms per step over {BREAKDOWN_STEPS} steps:")
     for name, ms, part in rows:
         print(f"  {'  ' * part}{name:<{48 - 2 * part}} {ms:7.1f}  {100 * ms / total:5.1f}%")
-    print(f"  {'sum':<48} {total:7.1f}  (timed sae_step mean {mean_step * 1e3:.1f})")
+    print(f"  {'sum':<48} {total:7.1f}  (timed median {half_dead * 1e3:.1f})")
 
 
 if __name__ == "__main__":

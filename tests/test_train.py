@@ -19,6 +19,7 @@ from dictlearn.params import Params
 from dictlearn.sae.base import SparseCodes
 from dictlearn.sae.registry import default_lr
 from dictlearn.sae.topk import TopKObjective, TopKSAE
+from dictlearn.training.step import GradientRule
 from dictlearn.training.trainer import DeadLatentTracker, Schedule, Trainer
 
 D, F, K = 16, 64, 4
@@ -189,3 +190,35 @@ def test_dictionary_folder_round_trip_and_mismatch_messages(tmp_path):
         check_dictionary_matches(config, sae, model_name="gpt2", hook_name=hook.name, d_in=D)
     with pytest.raises(UserError, match=r"no dictionary at .*ae.pt is missing"):
         load_dictionary(tmp_path / "nothing")
+
+
+def _with_grads(*grads):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return params
+
+
+def test_unit_gradient_rule_rescales_every_step_to_norm_one():
+    rule = GradientRule("unit")
+    for scale in (0.02, 0.84, 300.0):
+        params = _with_grads(scale * torch.randn(7, 3), scale * torch.randn(5))
+        direction = torch.cat([p.grad.flatten() for p in params])
+        rule.apply_(params)
+        after = torch.cat([p.grad.flatten() for p in params])
+        assert torch.allclose(after.norm(), torch.tensor(1.0))
+        assert torch.allclose(after, direction / direction.norm())
+
+
+def test_running_gradient_rule_clips_to_the_running_norm_and_resumes():
+    rule = GradientRule("running")
+    norms = []
+    for scale in (1.0, 4.0, 0.5):
+        params = _with_grads(torch.full((4,), scale / 2))  # norm = scale
+        rule.apply_(params)
+        norms.append(float(params[0].grad.norm()))
+    # The first step sets the average; a spike is cut to it; a smaller gradient passes unchanged.
+    assert norms == pytest.approx([1.0, 1.0, 0.5])
+    restored = GradientRule("running")
+    restored.load_state_dict(rule.state_dict())
+    assert restored.running_norm == pytest.approx(0.95)

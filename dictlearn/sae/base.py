@@ -162,6 +162,10 @@ class Objective:
     # Adam's (beta1, beta2) for this recipe: PyTorch's defaults unless the recipe's paper says otherwise.
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
 
+    # The gradient-norm rule when ``train.grad_normalization`` is unset (``dictlearn.training.step.GradientRule``):
+    # none, as the L1/L0 recipes' papers train; the TopK family sets 'unit', which it was measured to need.
+    grad_normalization: ClassVar[str] = "none"
+
     def loss(self, sae: SparseAutoencoder, x_BD: Tensor, y_BD: Tensor, ctx: StepContext) -> LossOutput:
         raise NotImplementedError
 

@@ -76,8 +76,11 @@ class _SelectionPattern:
             self.local_BK = local_F[indices_BK]
         else:
             # Entries sorted by latent, each remembering its batch row: latent f's entries are
-            # ``order[offsets[f]:offsets[f + 1]]``.
-            self.order = flat_indices.argsort()
+            # ``order[offsets[f]:offsets[f + 1]]``. A stable sort of int32 keys runs about 3x faster than
+            # ``argsort`` of the int64 indices on the bench machine (1M AuxK entries: 100 against 309 ms under
+            # load), and its order does not depend on the thread count.
+            keys = flat_indices.to(torch.int32) if num_latents <= torch.iinfo(torch.int32).max else flat_indices
+            self.order = torch.sort(keys, stable=True).indices
             self.offsets = torch.cat([counts_F.new_zeros(1), counts_F.cumsum(0)])
             self.batch_rows = self.order // indices_BK.shape[1]
 

@@ -24,7 +24,7 @@ from dictlearn.files import atomic_write, read_torch, torch_save
 from dictlearn.formats.run_folder import CHECKPOINT_FILE, METRICS_FILE
 from dictlearn.params import Params
 from dictlearn.sae.base import EventContext, Objective, SparseAutoencoder, SparseCodes, StepContext
-from dictlearn.training.step import train_step
+from dictlearn.training.step import GradientRule, train_step
 
 
 def default_dead_tokens(train_tokens: int) -> int:
@@ -84,7 +84,13 @@ class DeadLatentTracker:
 
 # Params that may differ on --resume: a diverged run resumes from its last good checkpoint with a lower
 # learning rate; logging and checkpoint intervals do not change what is computed.
-RESUMABLE_CHANGES = {"train.lr", "train.max_grad_norm", "train.checkpoint_every", "train.log_every"}
+RESUMABLE_CHANGES = {
+    "train.lr",
+    "train.grad_normalization",
+    "train.max_grad_norm",
+    "train.checkpoint_every",
+    "train.log_every",
+}
 
 # A step is blown up when its FVU is above this (10x worse than predicting the mean, FVU 1) and also this many
 # times the run's best FVU so far; this many such steps in a row is a run that has left the basin, not a noisy
@@ -144,6 +150,7 @@ class Trainer:
             sae.num_latents, params.sae.dead_tokens or default_dead_tokens(params.train.tokens)
         )
         self.optimizer = adam(sae, lr, objective.adam_betas)
+        self.gradient_rule = GradientRule(params.train.grad_normalization or objective.grad_normalization)
         # Activations are divided by this before the SAE sees them (1.0 unless the objective normalises).
         self.input_scale = 1.0
         self.step = 0
@@ -170,6 +177,7 @@ class Trainer:
                 "best_fvu": self.best_fvu,
                 "threads": torch.get_num_threads(),
                 "optimizer": self.optimizer.state_dict(),
+                "gradient_rule": self.gradient_rule.state_dict(),
                 "tracker": self.tracker.state_dict(),
                 "buffer": self.buffer.state_dict() if with_buffer else None,
                 "torch_rng": torch.get_rng_state(),
@@ -211,6 +219,8 @@ class Trainer:
         self.input_scale = state["input_scale"]
         self.best_fvu = state.get("best_fvu", math.inf)
         self.tracker.load_state_dict(state["tracker"])
+        if "gradient_rule" in state:
+            self.gradient_rule.load_state_dict(state["gradient_rule"])
         if state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])
         torch.set_rng_state(state["torch_rng"])
@@ -328,7 +338,16 @@ class Trainer:
         dead_F = self.tracker.dead_mask()
         ctx = StepContext(self.step, self.total_steps, dead_F.to(self.sae.device))
         x_BD, y_BD = self._split(rows_BW)
-        out = train_step(self.sae, self.objective, self.optimizer, x_BD, y_BD, ctx, max_grad_norm=train.max_grad_norm)
+        out = train_step(
+            self.sae,
+            self.objective,
+            self.optimizer,
+            x_BD,
+            y_BD,
+            ctx,
+            max_grad_norm=train.max_grad_norm,
+            gradient_rule=self.gradient_rule,
+        )
         fvu = out.terms["fvu"]
         blown_up = not math.isfinite(fvu) or (fvu > DIVERGED_FVU and fvu > DIVERGED_FVU * self.best_fvu)
         self.bad_steps = self.bad_steps + 1 if blown_up else 0
