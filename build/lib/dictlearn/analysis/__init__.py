@@ -1,1 +1,0 @@
-"""Everything that reads a dictionary's features: opening it on its model, the corpus scan, top contexts, magnitude levels, logit attribution, the feature database, auto-interpretation, sentence codes."""

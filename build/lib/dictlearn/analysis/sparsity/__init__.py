@@ -1,1 +1,0 @@
-"""The sparsity analyzer: activation sparsity of MLP neurons, structured pruning, polysemantic neurons."""

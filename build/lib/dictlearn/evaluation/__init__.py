@@ -1,1 +1,0 @@
-"""Evaluating dictionaries: reconstruction and sparsity metrics, spliced LM loss and KL, absorption, comparisons."""

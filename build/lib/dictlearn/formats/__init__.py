@@ -1,1 +1,0 @@
-"""Dictionaries on disk: our run folder and other libraries' files."""

@@ -1,1 +1,0 @@
-"""Loading a causal language model, the hook table and the stopped forward, text sources and windows."""

@@ -1,1 +1,0 @@
-"""What people look at: tables, plots, token display, and the HTML pages."""
