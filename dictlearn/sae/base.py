@@ -74,6 +74,13 @@ class EventContext:
     records: list[dict] = field(default_factory=list)
 
 
+def random_unit_rows(rows: int, width: int, generator: torch.Generator | None) -> Tensor:
+    """(rows, width) float64 rows drawn from a standard normal and scaled to unit norm: the random decoder
+    directions every architecture starts from (Bricken et al. 2023; Gao et al. 2024 §A.1)."""
+    rows_RW = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    return rows_RW / torch.linalg.vector_norm(rows_RW, dim=1, keepdim=True)
+
+
 def dense_to_codes(acts_BF: Tensor, pre_acts_BF: Tensor | None) -> SparseCodes:
     """The non-zeros of a dense code as ``SparseCodes``: K is the largest row count in the batch (at least 1);
     a row with fewer non-zeros is padded with zeros at other latents (``topk`` picks distinct columns)."""

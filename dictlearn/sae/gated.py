@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dictlearn.sae.base import LossOutput, Objective, SparseAutoencoder, SparseCodes, StepContext, dense_to_codes
+from dictlearn.sae.base import (
+    LossOutput,
+    Objective,
+    SparseAutoencoder,
+    SparseCodes,
+    StepContext,
+    dense_to_codes,
+    random_unit_rows,
+)
 from dictlearn.sae.kernels import Selection, sparse_decode
 from dictlearn.sae.losses import frozen_decoder_loss, fvu, l1_penalty, squared_error
 from dictlearn.sae.relu import penalty_warmup
@@ -62,8 +70,7 @@ class GatedSAE(SparseAutoencoder):
         # Unit-norm random decoder rows (dictionary_learning's GatedAutoEncoder), the encoder as their transpose
         # (the April 2024 update's tied start, which Rajamanoharan et al. recommend for gated SAEs too), zero
         # biases and r_mag = 0 (so W_mag = W_gate at the start).
-        W_dec_FD = torch.randn(num_latents, d_in, generator=generator, dtype=torch.float64)
-        W_dec_FD /= torch.linalg.vector_norm(W_dec_FD, dim=1, keepdim=True)
+        W_dec_FD = random_unit_rows(num_latents, d_in, generator)
         self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
         self.b_gate = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
         self.r_mag = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dictlearn.sae.base import LossOutput, Objective, SparseAutoencoder, SparseCodes, StepContext, dense_to_codes
+from dictlearn.sae.base import (
+    LossOutput,
+    Objective,
+    SparseAutoencoder,
+    SparseCodes,
+    StepContext,
+    dense_to_codes,
+    random_unit_rows,
+)
 from dictlearn.sae.kernels import Selection, sparse_decode
 from dictlearn.sae.losses import fvu
 from dictlearn.sae.topk import remove_parallel_gradient_, unit_norm_rows_
@@ -98,8 +106,7 @@ class JumpReLUSAE(SparseAutoencoder):
         self.d_in = self.d_out = d_in
         self.num_latents = num_latents
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        W_dec_FD = torch.randn(num_latents, d_in, generator=generator, dtype=torch.float64)
-        W_dec_FD /= torch.linalg.vector_norm(W_dec_FD, dim=1, keepdim=True)
+        W_dec_FD = random_unit_rows(num_latents, d_in, generator)
         # A copy: ``.to`` returns the same tensor when the dtype is already float64.
         self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))

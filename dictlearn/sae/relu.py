@@ -21,6 +21,7 @@ from dictlearn.sae.base import (
     SparseCodes,
     StepContext,
     dense_to_codes,
+    random_unit_rows,
 )
 from dictlearn.sae.kernels import Selection, sparse_decode
 from dictlearn.sae.losses import fvu, l1_penalty, squared_error
@@ -76,8 +77,7 @@ class ReLUSAE(SparseAutoencoder):
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         # Random decoder directions with norm ``decoder_norm`` and the encoder as their transpose (1 for
         # bricken2023 as dictionary_learning's AutoEncoder; 0.1 for april2024), zero biases.
-        W_dec_FD = torch.randn(num_latents, d_in, generator=generator, dtype=torch.float64)
-        W_dec_FD *= decoder_norm / torch.linalg.vector_norm(W_dec_FD, dim=1, keepdim=True)
+        W_dec_FD = decoder_norm * random_unit_rows(num_latents, d_in, generator)
         self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dictlearn.errors import UserError
-from dictlearn.sae.base import LossOutput, Objective, SparseAutoencoder, SparseCodes, StepContext
+from dictlearn.sae.base import LossOutput, Objective, SparseAutoencoder, SparseCodes, StepContext, random_unit_rows
 from dictlearn.sae.kernels import Selection, gather_pre_acts, sparse_decode, top_k_indices
 from dictlearn.sae.losses import auxk_loss, fvu
 
@@ -76,13 +76,8 @@ class TopKFamilySAE(SparseAutoencoder):
         # Gao et al. 2024 §A.1 (and openai/sparse_autoencoder's "tied" init): random unit-norm decoder rows,
         # the encoder initialised to the decoder's transpose, zero biases until ``initialize_``. A transcoder
         # whose widths differ draws the encoder on its own, with rows of the same norm.
-        W_dec_FD = torch.randn(num_latents, self.d_out, generator=generator, dtype=torch.float64)
-        W_dec_FD /= torch.linalg.vector_norm(W_dec_FD, dim=1, keepdim=True)
-        if self.d_out == d_in:
-            W_enc_FD = W_dec_FD.clone()
-        else:
-            W_enc_FD = torch.randn(num_latents, d_in, generator=generator, dtype=torch.float64)
-            W_enc_FD /= torch.linalg.vector_norm(W_enc_FD, dim=1, keepdim=True)
+        W_dec_FD = random_unit_rows(num_latents, self.d_out, generator)
+        W_enc_FD = W_dec_FD.clone() if self.d_out == d_in else random_unit_rows(num_latents, d_in, generator)
         self.W_enc = nn.Parameter(W_enc_FD.to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
