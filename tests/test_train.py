@@ -222,3 +222,53 @@ def test_running_gradient_rule_clips_to_the_running_norm_and_resumes():
     restored = GradientRule("running")
     restored.load_state_dict(rule.state_dict())
     assert restored.running_norm == pytest.approx(0.95)
+
+
+def test_a_run_folder_with_another_runs_results_is_refused_unless_resume_or_overwrite(tmp_path):
+    from dictlearn.formats.run_folder import claim_run_folder
+
+    (tmp_path / "ae.pt").write_bytes(b"finished")
+    (tmp_path / "eval.json").write_text("{}")
+    with pytest.raises(UserError, match=r"already holds a trained dictionary; evaluate.py --dictionary .* --overwrite"):
+        claim_run_folder(tmp_path, resume=False, overwrite=False)
+    with pytest.raises(UserError, match=r"already holds a trained dictionary"):
+        claim_run_folder(tmp_path, resume=True, overwrite=False)  # a finished run has nothing to resume
+    (tmp_path / "notes.txt").write_text("mine")
+    claim_run_folder(tmp_path, resume=False, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # only the run's own files go
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"unfinished")
+    with pytest.raises(UserError, match=r"holds the checkpoint of an unfinished run; --resume continues it"):
+        claim_run_folder(tmp_path, resume=False, overwrite=False)
+    claim_run_folder(tmp_path, resume=True, overwrite=False)
+
+
+def test_a_second_training_on_a_locked_run_folder_is_refused_naming_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from dictlearn.locks import output_lock
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dictlearn.locks import output_lock\n"
+            f"with output_lock({str(tmp_path / 'run')!r}, 'run folder'):\n"
+            "    print('held', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(UserError, match=rf"run folder .*run is in use by process {holder.pid}"),
+            output_lock(tmp_path / "run", "run folder"),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(tmp_path / "run", "run folder"):  # the killed holder's lock is taken over
+        pass
