@@ -20,7 +20,7 @@ from dictlearn.sae.gated import GatedObjective, GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
 from dictlearn.sae.relu import APRIL2024_DECODER_NORM, DEFAULT_L1_COEFFICIENT, ReLUObjective, ReLUSAE
-from dictlearn.sae.topk import TopKObjective, TopKSAE
+from dictlearn.sae.topk import TopKFamilySAE, TopKObjective, TopKSAE
 
 
 def default_aux_k(d_in: int) -> int:
@@ -46,24 +46,26 @@ class Architecture(NamedTuple):
     """The recipe's learning rate for ``num_latents`` latents when ``train.lr`` is unset."""
 
 
-def _build_topk(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
-    return TopKSAE(
-        d_in,
-        num_latents,
-        sae_params.k,
-        d_out=d_out,
-        skip_connection=sae_params.skip_connection,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-    )
+def _build_topk_family(sae_class: type[TopKFamilySAE]) -> Callable[..., SparseAutoencoder]:
+    """The builder of a TopK-family class whose constructor takes (d_in, num_latents, k) and the transcoder fields."""
+
+    def build(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
+        return sae_class(
+            d_in,
+            num_latents,
+            sae_params.k,
+            d_out=d_out,
+            skip_connection=sae_params.skip_connection,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+        )
+
+    return build
 
 
 def _topk_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
     return TopKObjective(sae_params.aux_k or default_aux_k(sae.d_in), sae_params.aux_coef)
-
-
-# --- L1 family: ReLU and gated ---
 
 
 def l1_family_lr(num_latents: int) -> float:
@@ -96,29 +98,6 @@ def _build_gated(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
 
 def _gated_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
     return GatedObjective(sae_params.l1_coefficient or GATED_L1_COEFFICIENT, sae_params.l1_warmup_fraction, total_steps)
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "topk": Architecture(TopKSAE, _build_topk, _topk_objective),
-    "relu": Architecture(ReLUSAE, _build_relu, _relu_objective, l1_family_lr),
-    "gated": Architecture(GatedSAE, _build_gated, _gated_objective, l1_family_lr),
-}
-
-
-# --- BatchTopK, Matryoshka and JumpReLU ---
-
-
-def _build_batchtopk(sae_params, *, d_in, d_out, num_latents, dtype, device, seed):
-    return BatchTopKSAE(
-        d_in,
-        num_latents,
-        sae_params.k,
-        d_out=d_out,
-        skip_connection=sae_params.skip_connection,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-    )
 
 
 def _batchtopk_objective_kwargs(sae_params, sae: SparseAutoencoder, total_steps: int) -> dict[str, Any]:
@@ -182,13 +161,14 @@ def jumprelu_lr(num_latents: int) -> float:
     return 7e-5
 
 
-ARCHITECTURES |= {
-    "batchtopk": Architecture(BatchTopKSAE, _build_batchtopk, _batchtopk_objective),
+ARCHITECTURES: dict[str, Architecture] = {
+    "topk": Architecture(TopKSAE, _build_topk_family(TopKSAE), _topk_objective),
+    "batchtopk": Architecture(BatchTopKSAE, _build_topk_family(BatchTopKSAE), _batchtopk_objective),
     "matryoshka": Architecture(MatryoshkaSAE, _build_matryoshka, _matryoshka_objective),
+    "relu": Architecture(ReLUSAE, _build_relu, _relu_objective, l1_family_lr),
+    "gated": Architecture(GatedSAE, _build_gated, _gated_objective, l1_family_lr),
     "jumprelu": Architecture(JumpReLUSAE, _build_jumprelu, _jumprelu_objective, jumprelu_lr),
 }
-
-# --- end of BatchTopK, Matryoshka and JumpReLU ---
 
 
 def architecture(name: str) -> Architecture:
