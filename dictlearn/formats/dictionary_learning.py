@@ -88,19 +88,28 @@ def topk_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
     }
 
 
-def topk_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> TopKSAE:
-    """``AutoEncoderTopK`` -> ``TopKSAE``; ``threshold`` is kept (written back on export) but not used to
-    encode: ``AutoEncoderTopK.encode`` selects per row by default."""
-    what = "dictionary_learning AutoEncoderTopK"
-    sizes = sizes_from(state_dict, _TOPK_SHAPES, "encoder.weight", what)
-    sae = TopKSAE(sizes["D"], sizes["F"], int(state_dict["k"]), dtype=state_dict["encoder.weight"].dtype, device=device)
-    with torch.no_grad():
-        sae.W_enc.copy_(state_dict["encoder.weight"])
-        sae.b_enc.copy_(state_dict["encoder.bias"])
-        sae.W_dec.copy_(state_dict["decoder.weight"].T)
-        sae.b_dec.copy_(state_dict["b_dec"])
-        sae.threshold.copy_(state_dict["threshold"])
-    return sae
+def topk_layout_reader(sae_class: type[TopKSAE], dict_class: str):
+    """The reader of a class with ``AutoEncoderTopK``'s keys (``AutoEncoderTopK``, ``BatchTopKSAE``) into
+    ``sae_class``; ``threshold`` is kept (written back on export). Our TopK does not encode with it:
+    ``AutoEncoderTopK.encode`` selects per row by default; BatchTopK's inference does."""
+
+    def read(state_dict, trainer: dict[str, Any], device=None) -> TopKSAE:
+        what = f"dictionary_learning {dict_class}"
+        sizes = sizes_from(state_dict, _TOPK_SHAPES, "encoder.weight", what)
+        dtype = state_dict["encoder.weight"].dtype
+        sae = sae_class(sizes["D"], sizes["F"], int(state_dict["k"]), dtype=dtype, device=device)
+        with torch.no_grad():
+            sae.W_enc.copy_(state_dict["encoder.weight"])
+            sae.b_enc.copy_(state_dict["encoder.bias"])
+            sae.W_dec.copy_(state_dict["decoder.weight"].T)
+            sae.b_dec.copy_(state_dict["b_dec"])
+            sae.threshold.copy_(state_dict["threshold"])
+        return sae
+
+    return read
+
+
+topk_from_state_dict = topk_layout_reader(TopKSAE, "AutoEncoderTopK")
 
 
 # --- L1 family: ReLU (AutoEncoder) and gated (GatedAutoEncoder) ---
@@ -229,36 +238,7 @@ def from_dictionary_learning(
 # BatchTopKSAE has AutoEncoderTopK's keys and layout; ``threshold`` is its inference threshold.
 
 
-def batchtopk_to_state_dict(sae: SparseAutoencoder) -> dict[str, Tensor]:
-    """dictionary_learning's ``BatchTopKSAE`` keys, detached copies: nn.Linear layouts (W_enc as
-    ``encoder.weight`` [F, D], W_dec transposed as ``decoder.weight`` [D, F]), ``k`` and ``threshold``."""
-    return {
-        "encoder.weight": sae.W_enc.detach().clone(),
-        "encoder.bias": sae.b_enc.detach().clone(),
-        "decoder.weight": sae.W_dec.detach().T.contiguous(),
-        "b_dec": sae.b_dec.detach().clone(),
-        "k": sae.k.detach().clone(),
-        "threshold": sae.threshold.detach().clone(),
-    }
-
-
-def batchtopk_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> BatchTopKSAE:
-    what = "dictionary_learning BatchTopKSAE"
-    sizes = sizes_from(state_dict, _TOPK_SHAPES, "encoder.weight", what)
-    sae = BatchTopKSAE(
-        sizes["D"], sizes["F"], int(state_dict["k"]), dtype=state_dict["encoder.weight"].dtype, device=device
-    )
-    sae.load_state_dict(
-        {
-            "W_enc": state_dict["encoder.weight"],
-            "b_enc": state_dict["encoder.bias"],
-            "W_dec": state_dict["decoder.weight"].T,
-            "b_dec": state_dict["b_dec"],
-            "k": state_dict["k"],
-            "threshold": state_dict["threshold"],
-        }
-    )
-    return sae
+batchtopk_from_state_dict = topk_layout_reader(BatchTopKSAE, "BatchTopKSAE")
 
 
 # MatryoshkaBatchTopKSAE: nn.Parameters W_enc [D, F], W_dec [F, D]; buffers k, threshold, group_sizes [G].
@@ -334,7 +314,7 @@ def jumprelu_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -
 
 
 CONVERTERS |= {
-    "batchtopk": Converter("BatchTopKSAE", batchtopk_to_state_dict, batchtopk_from_state_dict),
+    "batchtopk": Converter("BatchTopKSAE", topk_to_state_dict, batchtopk_from_state_dict),
     "matryoshka": Converter("MatryoshkaBatchTopKSAE", matryoshka_to_state_dict, matryoshka_from_state_dict),
     "jumprelu": Converter("JumpReluAutoEncoder", jumprelu_to_state_dict, jumprelu_from_state_dict),
 }
