@@ -45,21 +45,29 @@ def _format_token_axes(*axes) -> None:
         ax.grid(alpha=0.3)
 
 
+# Record fields that are not loss terms of an architecture's objective (the trainer's own, and events').
+_NOT_TERMS = {"step", "tokens", "loss", "fvu", "l0", "dead_fraction", "lr", "resampled"}
+
+
 def plot_training_curves(metrics: list[dict], folder) -> list[str]:
-    """loss.png (FVU and total loss; AuxK beside it) and sparsity.png (L0; dead latents) over training tokens."""
+    """loss.png (FVU and the objective's loss; the objective's other terms beside it, e.g. TopK's AuxK or the
+    L1 penalty) and sparsity.png (L0; dead latents) over training tokens."""
     plt = pyplot()
     tokens = [m["tokens"] for m in metrics]
-    fig, (ax_fvu, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_fvu, ax_terms) = plt.subplots(1, 2, figsize=(11, 4))
     ax_fvu.plot(tokens, [m["fvu"] for m in metrics], label="FVU (normalised MSE)")
-    ax_fvu.plot(tokens, [m["loss"] for m in metrics], label="loss = FVU + aux_coef * AuxK", linestyle="--")
+    ax_fvu.plot(tokens, [m["loss"] for m in metrics], label="the objective's loss", linestyle="--")
     ax_fvu.set(
         xlabel="training tokens", ylabel="fraction of variance unexplained", yscale="log", title="Reconstruction"
     )
     ax_fvu.legend()
-    ax_aux.plot(tokens, [m["auxk_loss"] for m in metrics], color="tab:green")
-    ax_aux.set(xlabel="training tokens", ylabel="AuxK loss (0 while no latent is dead)", title="AuxK loss")
-    ax_aux.set_ylim(bottom=0)
-    _format_token_axes(ax_fvu, ax_aux)
+    terms = [name for name in (metrics[0] if metrics else {}) if name not in _NOT_TERMS]
+    for name in terms:
+        ax_terms.plot(tokens, [m.get(name, float("nan")) for m in metrics], label=name)
+    ax_terms.set(xlabel="training tokens", ylabel="value", title="The objective's other terms")
+    if terms:
+        ax_terms.legend()
+    _format_token_axes(ax_fvu, ax_terms)
     save_figure(fig, f"{folder}/loss.png")
     fig, (ax_l0, ax_dead) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     l0 = [m["l0"] for m in metrics]
