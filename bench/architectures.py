@@ -4,7 +4,7 @@ Runs ``training_script.py`` once per variant (each in its own run folder under `
 rows in the same order), then prints one table: held-out FVU, L0, dead latents, LM loss recovered and training
 tokens/s, from each run's ``eval.json``. Usage (after ``make train`` has harvested the store):
 
-    .venv/bin/python bench/architectures.py [--tokens 900000] [--out bench_runs/architectures] [--only relu,topk]
+    .venv/bin/python bench/architectures.py [--tokens 800000] [--out bench_runs/architectures] [--only relu,topk]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ VARIANTS: dict[str, dict] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--params", default=str(REPO / "params.json"))
-    parser.add_argument("--tokens", type=int, default=900_000, help="training tokens of every variant")
+    parser.add_argument("--tokens", type=int, default=800_000, help="training tokens of every variant")
     parser.add_argument("--out", default=str(REPO / "bench_runs" / "architectures"))
     parser.add_argument("--only", help="comma-separated variant names (default: all)")
     args = parser.parse_args()
