@@ -168,7 +168,8 @@ def test_targets_that_cannot_hold_a_dictionary_refuse(tmp_path):
     ):
         write_as(transcoder, transcoder_info, "dictionary_learning", tmp_path / "d")
     with pytest.raises(
-        UserError, match=r"^SAELens has no class that holds a topk transcoder \(its transcoders are ReLU and JumpReLU\)"
+        UserError,
+        match=r"^SAELens has no class that holds a topk transcoder exactly \(its transcoders are ReLU and JumpReLU\);",
     ):
         write_as(transcoder, transcoder_info, "saelens", tmp_path / "f")
     batchtopk, batchtopk_info = open_any(FIXTURES / "dictionary_learning/batchtopk")

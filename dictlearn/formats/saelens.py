@@ -141,12 +141,12 @@ _READERS = {"standard": _read_standard, "topk": _read_topk, "jumprelu": _read_ju
 def saelens_tensors(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(cfg fields, tensors) of the SAELens class that holds ``sae`` exactly, or ``UserError`` in one line."""
     if getattr(sae, "transcoder", False) or getattr(sae, "input_norm", False):
-        kind = (
-            f"a {sae.architecture} transcoder (its transcoders are ReLU and JumpReLU)"
+        kind, why = (
+            (f"a {sae.architecture} transcoder", " (its transcoders are ReLU and JumpReLU)")
             if getattr(sae, "transcoder", False)
-            else "an input-normalised (OpenAI TopK) SAE"
+            else ("an input-normalised (OpenAI TopK) SAE", "")
         )
-        raise UserError(f"SAELens has no class that holds {kind} exactly; convert it to 'ours' instead")
+        raise UserError(f"SAELens has no class that holds {kind} exactly{why}; convert it to 'ours' instead")
     if sae.architecture == "gated":
         return {"architecture": "gated", "apply_b_dec_to_input": True}, {
             "W_enc": sae.W_enc.detach().T.contiguous(),
