@@ -167,10 +167,19 @@ def test_targets_that_cannot_hold_a_dictionary_refuse(tmp_path):
         UserError, match=r"^dictionary_learning has no class .* \(it is a transcoder\); convert it to .ours. instead$"
     ):
         write_as(transcoder, transcoder_info, "dictionary_learning", tmp_path / "d")
+    with pytest.raises(
+        UserError,
+        match=r"^SAELens has no class that holds a topk transcoder exactly \(its transcoders are ReLU and JumpReLU\);",
+    ):
+        write_as(transcoder, transcoder_info, "saelens", tmp_path / "f")
     batchtopk, batchtopk_info = open_any(FIXTURES / "dictionary_learning/batchtopk")
     with pytest.raises(UserError, match=r"^sparsify has no class that holds a batchtopk SAE exactly"):
         write_as(batchtopk, batchtopk_info, "sparsify", tmp_path / "e")
-    assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir()) for name in "abcde")
+    gated, gated_info = open_any(FIXTURES / "saelens/gated")
+    with pytest.raises(UserError, match=r"^dictionary_learning has no class .* GatedAutoEncoder's normalize_decoder"):
+        write_as(gated, gated_info, "dictionary_learning", tmp_path / "g")
+    # A refusal comes before any folder is made (make test-peers loads every folder an export leaves).
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
 
 
 def test_openai_input_norm_round_trips_exactly():

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dictlearn.errors import UserError
-from dictlearn.files import make_folder
+from dictlearn.files import check_output_folder, make_folder
 from dictlearn.formats import openai, saelens, sparsify
 from dictlearn.formats.detect import DictionaryInfo
 from dictlearn.formats.dictionary_learning import holds_exactly
@@ -34,11 +34,13 @@ def write_as(sae: SparseAutoencoder, info: DictionaryInfo, target: str, out: Pat
         )
         save_dictionary(folder, sae, config)
         return folder
+    # These writers refuse what their target cannot hold before they make any folder: a refusal leaves none.
+    check_output_folder(out, "--out")
     if target == "saelens":
-        return saelens.write_saelens(make_folder(out, "--out"), sae, info.model, info.hook)
+        return saelens.write_saelens(out, sae, info.model, info.hook)
     if target == "sparsify":
-        return sparsify.write_sparsify(make_folder(out, "--out"), sae, info.hook, info.target_hook)
-    return openai.write_openai(make_folder(out, "--out"), sae, info.hook)
+        return sparsify.write_sparsify(out, sae, info.hook, info.target_hook)
+    return openai.write_openai(out, sae, info.hook)
 
 
 def _why_not_dictionary_learning(sae: SparseAutoencoder) -> str:
@@ -46,6 +48,10 @@ def _why_not_dictionary_learning(sae: SparseAutoencoder) -> str:
         return "it is a transcoder"
     if getattr(sae, "input_norm", False):
         return "it layer-normalises its input"
-    if sae.architecture in ("relu", "gated"):
+    if sae.architecture == "relu":
         return "its decoder rows are not unit-norm, which that library's loader would renormalise, changing the codes"
+    if sae.architecture == "gated":
+        return (
+            "its decoder rows are not unit-norm, by which GatedAutoEncoder's normalize_decoder option scales the codes"
+        )
     return "no class of that architecture"

@@ -54,6 +54,19 @@ def sizes_from(
     return sizes
 
 
+def copy_weights_(
+    sae: SparseAutoencoder, W_enc_FD: Tensor, b_enc_F: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor
+) -> SparseAutoencoder:
+    """Set the four parameters every SAE with an encoder bias has, given in our layout (``W_enc`` and ``W_dec``
+    (F, D)): what each format's reader does once it has its tensors in that layout. Returns ``sae``."""
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc_FD)
+        sae.b_enc.copy_(b_enc_F)
+        sae.W_dec.copy_(W_dec_FD)
+        sae.b_dec.copy_(b_dec_D)
+    return sae
+
+
 class Converter(NamedTuple):
     dict_class: str
     """dictionary_learning's class name, as in ``config.json``'s ``trainer.dict_class``."""
@@ -98,11 +111,14 @@ def topk_layout_reader(sae_class: type[TopKSAE], dict_class: str):
         sizes = sizes_from(state_dict, _TOPK_SHAPES, "encoder.weight", what)
         dtype = state_dict["encoder.weight"].dtype
         sae = sae_class(sizes["D"], sizes["F"], int(state_dict["k"]), dtype=dtype, device=device)
+        copy_weights_(
+            sae,
+            state_dict["encoder.weight"],
+            state_dict["encoder.bias"],
+            state_dict["decoder.weight"].T,
+            state_dict["b_dec"],
+        )
         with torch.no_grad():
-            sae.W_enc.copy_(state_dict["encoder.weight"])
-            sae.b_enc.copy_(state_dict["encoder.bias"])
-            sae.W_dec.copy_(state_dict["decoder.weight"].T)
-            sae.b_dec.copy_(state_dict["b_dec"])
             sae.threshold.copy_(state_dict["threshold"])
         return sae
 
@@ -145,12 +161,13 @@ def relu_from_state_dict(state_dict, trainer: dict[str, Any], device=None) -> Re
     what = "dictionary_learning AutoEncoder"
     sizes = sizes_from(state_dict, _RELU_SHAPES, "encoder.weight", what)
     sae = ReLUSAE(sizes["D"], sizes["F"], dtype=state_dict["encoder.weight"].dtype, device=device)
-    with torch.no_grad():
-        sae.W_enc.copy_(state_dict["encoder.weight"])
-        sae.b_enc.copy_(state_dict["encoder.bias"])
-        sae.W_dec.copy_(state_dict["decoder.weight"].T)
-        sae.b_dec.copy_(state_dict["bias"])
-    return sae
+    return copy_weights_(
+        sae,
+        state_dict["encoder.weight"],
+        state_dict["encoder.bias"],
+        state_dict["decoder.weight"].T,
+        state_dict["bias"],
+    )
 
 
 # GatedAutoEncoder: encoder = nn.Linear(D, F, bias=False) (W_gate), decoder = nn.Linear(F, D, bias=False),

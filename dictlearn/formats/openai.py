@@ -16,7 +16,7 @@ import torch
 
 from dictlearn.errors import UserError
 from dictlearn.files import torch_save
-from dictlearn.formats.dictionary_learning import sizes_from
+from dictlearn.formats.dictionary_learning import copy_weights_, sizes_from
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.registry import ARCHITECTURES
 from dictlearn.sae.topk import TopKSAE
@@ -82,12 +82,9 @@ def read_openai(path: Path, state_dict: dict, device=None) -> SparseAutoencoder:
         sae = TopKSAE(sizes["D"], sizes["F"], settings["k"], input_norm=True, dtype=dtype, device=device)
     else:
         sae = _relu_sae(sizes["D"], sizes["F"], dtype, device, path)
-    with torch.no_grad():
-        sae.W_enc.copy_(tensors["encoder.weight"])
-        sae.b_enc.copy_(tensors["latent_bias"])
-        sae.W_dec.copy_(tensors["decoder.weight"].T)
-        sae.b_dec.copy_(tensors["pre_bias"])
-    return sae
+    return copy_weights_(
+        sae, tensors["encoder.weight"], tensors["latent_bias"], tensors["decoder.weight"].T, tensors["pre_bias"]
+    )
 
 
 def _relu_sae(d_in: int, num_latents: int, dtype, device, path: Path) -> SparseAutoencoder:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dictlearn.errors import UserError
 from dictlearn.files import read_json, read_safetensors, write_json
-from dictlearn.formats.dictionary_learning import sizes_from
+from dictlearn.formats.dictionary_learning import copy_weights_, sizes_from
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.gated import GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUSAE
@@ -79,52 +79,42 @@ def _fold_input_bias_(b_enc_F: Tensor, b_dec_D: Tensor, W_enc_DF: Tensor, *, the
         b_enc_F.add_((float(ours) - float(theirs)) * (b_dec_D @ W_enc_DF))
 
 
+def _copy_saelens_weights_(sae: SparseAutoencoder, tensors, cfg, *, subtracts_b_dec: bool, rescale: bool = False):
+    """SAELens's ``W_enc`` [D, F], ``b_enc``, ``W_dec``, ``b_dec`` into ``sae``, whose encoder subtracts ``b_dec``
+    from x or not (``subtracts_b_dec``), folding in what SAELens does differently (module docstring): its own
+    ``apply_b_dec_to_input``, and with ``rescale`` TopK's ``rescale_acts_by_decoder_norm``. Returns ``sae``."""
+    W_enc_DF, b_enc_F, W_dec_FD = tensors["W_enc"].clone(), tensors["b_enc"].clone(), tensors["W_dec"].clone()
+    if rescale:
+        norms_F = torch.linalg.vector_norm(W_dec_FD, dim=1)
+        W_enc_DF *= norms_F
+        b_enc_F *= norms_F
+        W_dec_FD /= norms_F[:, None]
+    theirs = cfg.get("apply_b_dec_to_input", True)
+    _fold_input_bias_(b_enc_F, tensors["b_dec"], W_enc_DF, theirs=theirs, ours=subtracts_b_dec)
+    return copy_weights_(sae, W_enc_DF.T, b_enc_F, W_dec_FD, tensors["b_dec"])
+
+
+def _read_standard(tensors, cfg, what, device) -> ReLUSAE:
+    sizes = sizes_from(tensors, _SHAPES, "W_enc", what)
+    sae = ReLUSAE(sizes["D"], sizes["F"], dtype=tensors["W_enc"].dtype, device=device)
+    return _copy_saelens_weights_(sae, tensors, cfg, subtracts_b_dec=True)
+
+
 def _read_topk(tensors, cfg, what, device) -> TopKSAE:
     sizes = sizes_from(tensors, _SHAPES, "W_enc", what)
     k = cfg.get("k")
     if not isinstance(k, int) or isinstance(k, bool):
         raise UserError(f"{what}: cfg.json should give k as an integer, found {k!r}")
-    W_enc_DF, b_enc_F, W_dec_FD = tensors["W_enc"].clone(), tensors["b_enc"].clone(), tensors["W_dec"].clone()
-    if cfg.get("rescale_acts_by_decoder_norm", False):
-        norms_F = torch.linalg.vector_norm(W_dec_FD, dim=1)
-        W_enc_DF *= norms_F
-        b_enc_F *= norms_F
-        W_dec_FD /= norms_F[:, None]
-    _fold_input_bias_(b_enc_F, tensors["b_dec"], W_enc_DF, theirs=cfg.get("apply_b_dec_to_input", True), ours=True)
-    sae = TopKSAE(sizes["D"], sizes["F"], k, dtype=W_enc_DF.dtype, device=device)
-    sae.W_enc.copy_(W_enc_DF.T)
-    sae.b_enc.copy_(b_enc_F)
-    sae.W_dec.copy_(W_dec_FD)
-    sae.b_dec.copy_(tensors["b_dec"])
-    return sae
+    sae = TopKSAE(sizes["D"], sizes["F"], k, dtype=tensors["W_enc"].dtype, device=device)
+    rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+    return _copy_saelens_weights_(sae, tensors, cfg, subtracts_b_dec=True, rescale=rescale)
 
 
 def _read_jumprelu(tensors, cfg, what, device) -> JumpReLUSAE:
     sizes = sizes_from(tensors, _JUMPRELU_SHAPES, "W_enc", what)
-    b_enc_F = tensors["b_enc"].clone()
-    _fold_input_bias_(
-        b_enc_F, tensors["b_dec"], tensors["W_enc"], theirs=cfg.get("apply_b_dec_to_input", True), ours=False
-    )
     sae = JumpReLUSAE(sizes["D"], sizes["F"], dtype=tensors["W_enc"].dtype, device=device)
-    sae.W_enc.copy_(tensors["W_enc"].T)
-    sae.b_enc.copy_(b_enc_F)
-    sae.W_dec.copy_(tensors["W_dec"])
-    sae.b_dec.copy_(tensors["b_dec"])
+    _copy_saelens_weights_(sae, tensors, cfg, subtracts_b_dec=False)
     sae.threshold.copy_(tensors["threshold"])
-    return sae
-
-
-def _read_standard(tensors, cfg, what, device) -> ReLUSAE:
-    sizes = sizes_from(tensors, _SHAPES, "W_enc", what)
-    b_enc_F = tensors["b_enc"].clone()
-    _fold_input_bias_(
-        b_enc_F, tensors["b_dec"], tensors["W_enc"], theirs=cfg.get("apply_b_dec_to_input", True), ours=True
-    )
-    sae = ReLUSAE(sizes["D"], sizes["F"], dtype=tensors["W_enc"].dtype, device=device)
-    sae.W_enc.copy_(tensors["W_enc"].T)
-    sae.b_enc.copy_(b_enc_F)
-    sae.W_dec.copy_(tensors["W_dec"])
-    sae.b_dec.copy_(tensors["b_dec"])
     return sae
 
 
@@ -151,8 +141,12 @@ _READERS = {"standard": _read_standard, "topk": _read_topk, "jumprelu": _read_ju
 def saelens_tensors(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(cfg fields, tensors) of the SAELens class that holds ``sae`` exactly, or ``UserError`` in one line."""
     if getattr(sae, "transcoder", False) or getattr(sae, "input_norm", False):
-        kind = "a transcoder" if getattr(sae, "transcoder", False) else "an input-normalised (OpenAI TopK) SAE"
-        raise UserError(f"SAELens has no class that holds {kind} exactly; convert it to 'ours' instead")
+        kind, why = (
+            (f"a {sae.architecture} transcoder", " (its transcoders are ReLU and JumpReLU)")
+            if getattr(sae, "transcoder", False)
+            else ("an input-normalised (OpenAI TopK) SAE", "")
+        )
+        raise UserError(f"SAELens has no class that holds {kind} exactly{why}; convert it to 'ours' instead")
     if sae.architecture == "gated":
         return {"architecture": "gated", "apply_b_dec_to_input": True}, {
             "W_enc": sae.W_enc.detach().T.contiguous(),

@@ -16,7 +16,7 @@ import torch
 
 from dictlearn.errors import UserError
 from dictlearn.files import read_json, read_safetensors, write_json
-from dictlearn.formats.dictionary_learning import sizes_from
+from dictlearn.formats.dictionary_learning import copy_weights_, sizes_from
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.topk import TopKSAE
 
@@ -88,12 +88,9 @@ def read_sparsify(folder: Path, device=None) -> tuple[TopKSAE, dict]:
         dtype=tensors["encoder.weight"].dtype,
         device=device,
     )
-    with torch.no_grad():
-        sae.W_enc.copy_(tensors["encoder.weight"])
-        sae.b_enc.copy_(tensors["encoder.bias"])
-        sae.W_dec.copy_(tensors["W_dec"])
-        sae.b_dec.copy_(tensors["b_dec"])
-        if skip:
+    copy_weights_(sae, tensors["encoder.weight"], tensors["encoder.bias"], tensors["W_dec"], tensors["b_dec"])
+    if skip:
+        with torch.no_grad():
             sae.W_skip.copy_(tensors["W_skip"])
     return sae, cfg
 
