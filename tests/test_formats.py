@@ -182,6 +182,16 @@ def test_targets_that_cannot_hold_a_dictionary_refuse(tmp_path):
     assert not any((tmp_path / name).exists() for name in "abcdefg")
 
 
+@needs_fixtures
+def test_sparsify_export_claims_a_normalised_decoder_only_when_it_is(tmp_path):
+    """sparsify renormalises decoder rows while training when cfg.json says normalize_decoder: a SAELens TopK with
+    free decoder norms must not claim it; sparsify's own unit-norm SAE keeps it."""
+    for case, expected in (("saelens/topk", False), ("sparsify/topk", True)):
+        sae, info = open_any(FIXTURES / case)
+        out = write_as(sae, info, "sparsify", tmp_path / case.replace("/", "_"))
+        assert json.loads((out / "cfg.json").read_text())["normalize_decoder"] is expected, case
+
+
 def test_openai_input_norm_round_trips_exactly():
     """decode(encode(x)) is OpenAI's decode(*encode(x)): (W_dec z + pre_bias) * std + mu, std without the eps."""
     torch.manual_seed(0)

@@ -95,6 +95,10 @@ def read_sparsify(folder: Path, device=None) -> tuple[TopKSAE, dict]:
     return sae, cfg
 
 
+def _unit_norm_rows(W_dec: torch.Tensor) -> bool:
+    return bool(torch.allclose(W_dec.detach().norm(dim=-1), torch.ones(()), atol=1e-5))
+
+
 def write_sparsify(folder: Path, sae: SparseAutoencoder, hook: str | None, target_hook: str | None) -> Path:
     """``<folder>/<hookpoint>/cfg.json`` and ``sae.safetensors`` as ``SparseCoder.save_to_disk`` writes them;
     returns the hookpoint folder. Only TopK SAEs and transcoders (sparsify's one activation kept per row)."""
@@ -118,7 +122,10 @@ def write_sparsify(folder: Path, sae: SparseAutoencoder, hook: str | None, targe
     cfg = {
         "activation": "topk",
         "expansion_factor": max(1, sae.num_latents // sae.d_in),
-        "normalize_decoder": not transcode,
+        # sparsify renormalises the decoder rows after every training step when this is set: claim it only for
+        # rows that are unit-norm already (a SAELens TopK with free decoder norms is not), so that training on in
+        # sparsify does not first rescale the dictionary it was given.
+        "normalize_decoder": not transcode and _unit_norm_rows(sae.W_dec),
         "num_latents": sae.num_latents,
         "k": int(sae.k),
         "multi_topk": False,
