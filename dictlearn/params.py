@@ -137,8 +137,13 @@ class BatchTopKParams(TopKFamilyParams):
         lt=1,
         description="Decay of the running inference threshold (dictionary_learning's threshold_beta).",
     )
-    threshold_start_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Fraction of steps before the running threshold starts to be estimated."
+    threshold_start_fraction: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Fraction of steps before the running inference threshold starts to be estimated; null: "
+        "dictionary_learning's 1000 steps (threshold_start_step), or half the run when that is sooner, so a short "
+        "run still gets a threshold.",
     )
 
 

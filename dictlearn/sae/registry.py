@@ -14,7 +14,7 @@ import torch
 
 from dictlearn.errors import UserError
 from dictlearn.sae.base import Objective, SparseAutoencoder
-from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, threshold_start_step
 from dictlearn.sae.gated import DEFAULT_L1_COEFFICIENT as GATED_L1_COEFFICIENT
 from dictlearn.sae.gated import GatedObjective, GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
@@ -105,7 +105,7 @@ def _batchtopk_objective_kwargs(sae_params, sae: SparseAutoencoder, total_steps:
         "aux_k": sae_params.aux_k or default_aux_k(sae.d_in),
         "aux_coef": sae_params.aux_coef,
         "threshold_beta": sae_params.threshold_beta,
-        "threshold_start_step": int(sae_params.threshold_start_fraction * total_steps),
+        "threshold_start_step": threshold_start_step(sae_params.threshold_start_fraction, total_steps),
     }
 
 
