@@ -137,8 +137,13 @@ class BatchTopKParams(TopKFamilyParams):
         lt=1,
         description="Decay of the running inference threshold (dictionary_learning's threshold_beta).",
     )
-    threshold_start_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Fraction of steps before the running threshold starts to be estimated."
+    threshold_start_fraction: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Fraction of steps before the running inference threshold starts to be estimated; null: "
+        "dictionary_learning's 1000 steps (threshold_start_step), or half the run when that is sooner, so a short "
+        "run still gets a threshold.",
     )
 
 
@@ -191,16 +196,21 @@ class JumpReLUParams(SAECommon):
     l0_coefficient: float = Field(
         1.0,
         gt=0,
-        description="lambda of the L0 penalty on inputs scaled to E||x||^2 = d_in (dictionary_learning's "
-        "JumpReluTrainer sparsity_penalty default, 1.0).",
+        description="lambda of the L0 penalty on inputs scaled to E||x||^2 = d_in (SAELens's l0_coefficient "
+        "default for the same penalty and scaling, 1.0).",
     )
     bandwidth: float = Field(
-        0.001, gt=0, description="Kernel bandwidth epsilon of the pseudo-gradients (Rajamanoharan et al. 2024: 0.001)."
+        0.05,
+        gt=0,
+        description="Kernel bandwidth epsilon of the pseudo-gradients, in scaled-input units (SAELens's "
+        "jumprelu_bandwidth default, 0.05; Rajamanoharan et al. 2024 use 0.001 over billions of tokens).",
     )
     initial_threshold: float = Field(
-        0.001,
+        1.0,
         gt=0,
-        description="Initial threshold of every latent, in scaled-input units (Rajamanoharan et al. 2024: 0.001).",
+        description="Initial threshold of every latent, in scaled-input units: 1.0 keeps a few hundred latents a "
+        "token at initialisation, which a short run can refine (Rajamanoharan et al. 2024: 0.001, for billions of "
+        "tokens; see dictlearn.sae.jumprelu).",
     )
     l0_warmup_fraction: float = Field(
         0.05, ge=0, lt=1, description="Linear warm-up of the L0 coefficient from 0, as a fraction of steps."

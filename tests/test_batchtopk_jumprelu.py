@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 from dictlearn.errors import UserError
 from dictlearn.formats.run_folder import load_dictionary, save_dictionary
+from dictlearn.params import parse_params
 from dictlearn.sae.base import StepContext, codes_to_dense
-from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, batch_top_k
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, batch_top_k, threshold_start_step
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.losses import fvu
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
+from dictlearn.sae.registry import build_objective
 from dictlearn.training.step import train_step
 
 # shared/ sits beside the main checkout (parents[2] of tests/) or above a worktree's folder.
@@ -106,6 +108,22 @@ def test_threshold_waits_for_its_start_step():
     assert float(sae.threshold) == -1.0
     objective.after_optimizer_step(sae, out, _ctx(64, step=5))
     assert float(sae.threshold) > 0
+
+
+def test_threshold_start_follows_dictionary_learning_and_a_short_run_starts_at_its_middle():
+    assert threshold_start_step(None, 100_000) == 1000  # dictionary_learning's threshold_start_step
+    assert threshold_start_step(None, 220) == 110  # a short run still estimates, over its second half
+    assert threshold_start_step(None, 1) == 0
+    assert threshold_start_step(0.0, 220) == 0 and threshold_start_step(0.25, 220) == 55
+    sae_params = parse_params({"sae": {"architecture": "batchtopk"}}).sae
+    objective = build_objective(sae_params, BatchTopKSAE(16, 64, 4), total_steps=220)
+    assert objective.threshold_start_step == 110
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1])
+def test_threshold_start_fraction_out_of_range_is_a_user_error(fraction):
+    with pytest.raises(UserError, match=r"sae.threshold_start_fraction: input should be"):
+        parse_params({"sae": {"architecture": "batchtopk", "threshold_start_fraction": fraction}})
 
 
 def test_inference_encode_is_the_strict_threshold_rule():

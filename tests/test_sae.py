@@ -71,6 +71,17 @@ def test_top_k_indices_selects_the_same_values_as_torch_topk():
     assert torch.equal(values_BF.gather(1, indices_BK).sort(1).values, values_BF.topk(8).values.sort(1).values)
 
 
+@pytest.mark.parametrize("num_columns, k", [(1000, 100), (1030, 64)])
+def test_wide_top_k_indices_select_the_same_values_as_torch_topk(num_columns, k):
+    """At least 8 columns per selected entry takes the bounded path (``_top_k_above_bound``); 1030 columns
+    leave a partial slab outside the groups. Values rounded to force ties at the bound."""
+    values_BF = (torch.randn(64, num_columns, generator=torch.Generator().manual_seed(0)) * 4).round()
+    indices_BK = top_k_indices(values_BF, k)
+    assert indices_BK.shape == (64, k)
+    assert (indices_BK.sort(1).values.diff(dim=1) > 0).all()  # distinct columns
+    assert torch.equal(values_BF.gather(1, indices_BK).sort(1).values, values_BF.topk(k).values.sort(1).values)
+
+
 def test_bad_k_is_a_user_error():
     with pytest.raises(UserError, match=r"k must be in 1\.\.num_latents=64, found k=65"):
         TopKSAE(16, 64, 65)
@@ -105,10 +116,11 @@ def test_projected_decoder_gradient_is_orthogonal_to_each_row():
     assert parallel_F.abs().max() < 1e-6 * sae.W_dec.grad.abs().max()
 
 
-@pytest.mark.parametrize("num_dead, aux_k", [(48, 4), (12, 6), (3, 6)])
+@pytest.mark.parametrize("num_dead, aux_k", [(48, 4), (12, 6), (3, 6), (40, 5)])
 def test_sparse_backward_matches_dense_autograd(num_dead, aux_k):
-    """(48, 4): AuxK selection sparse (4 of 48 touched); (12, 6): dense block; (3, 6): fewer dead than aux_k.
-    The top-k selection (4 of 64) takes the sparse CSR path in all three."""
+    """(48, 4): AuxK selection sparse (4 of 48 touched); (12, 6): dense block; (3, 6): fewer dead than aux_k;
+    (40, 5): the AuxK top-k takes the bounded wide path (8 dead columns per selected entry).
+    The top-k selection (4 of 64) takes the sparse CSR path in all of them."""
     sae = _sae(dtype=torch.float64)
     x_BD = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
     dead_mask_F = _dead_mask(64, num_dead)

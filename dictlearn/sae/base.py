@@ -15,6 +15,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from dictlearn.sae.kernels import Selection, sparse_decode
+
 
 class SparseCodes(NamedTuple):
     values: Tensor
@@ -152,6 +154,50 @@ class SparseAutoencoder(nn.Module):
         for name, tensor in self.named_buffers():
             if name == "threshold":
                 tensor.mul_(scale)
+
+
+class DenseCodeSAE(SparseAutoencoder):
+    """What the ReLU, gated and JumpReLU SAEs share: an autoencoder (``d_out = d_in``) whose code is computed
+    densely and decoded sparsely, with the tied initialisation of Bricken et al. 2023 and the April 2024 update
+    (dictionary_learning's AutoEncoder, GatedAutoEncoder and JumpReluAutoEncoder): random decoder rows of norm
+    ``decoder_norm``, the encoder as their transpose, zero biases.
+
+    ``latent_biases`` names the zero (F,) parameters each architecture has, registered between ``W_enc`` and
+    ``W_dec`` so that the parameter order (state dicts, optimiser state in checkpoints) stays what it was.
+    """
+
+    latent_biases: ClassVar[tuple[str, ...]] = ("b_enc",)
+
+    def __init__(
+        self,
+        d_in: int,
+        num_latents: int,
+        *,
+        decoder_norm: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_in = self.d_out = d_in
+        self.num_latents = num_latents
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        W_dec_FD = decoder_norm * random_unit_rows(num_latents, d_in, generator)
+        # A copy: ``.to`` returns the same tensor when the dtype is already float64.
+        self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
+        for name in self.latent_biases:
+            self.register_parameter(name, nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device)))
+        self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
+
+    def config(self) -> dict[str, Any]:
+        # The initialisation's own arguments (decoder norm, initial threshold) are overwritten by a state dict.
+        return {"d_in": self.d_in, "num_latents": self.num_latents}
+
+    def decode(self, codes: SparseCodes) -> Tensor:
+        """A sparse ``embedding_bag`` over the active latents: at a typical L0 of tens out of thousands of
+        latents this is O(B * K * D) instead of the dense O(B * F * D)."""
+        return sparse_decode(codes.values, Selection(codes.indices, self.num_latents), self.W_dec) + self.b_dec
 
 
 class Objective:

@@ -6,22 +6,20 @@ Shape letters are the package's (see ``dictlearn``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dictlearn.sae.base import (
+    DenseCodeSAE,
     LossOutput,
     Objective,
-    SparseAutoencoder,
     SparseCodes,
     StepContext,
     dense_to_codes,
-    random_unit_rows,
 )
-from dictlearn.sae.kernels import Selection, sparse_decode
 from dictlearn.sae.losses import frozen_decoder_loss, fvu, l1_penalty, squared_error
 from dictlearn.sae.relu import penalty_warmup
 from dictlearn.sae.topk import geometric_median, remove_parallel_gradient_, unit_norm_rows_
@@ -41,7 +39,7 @@ class GatedActivations(NamedTuple):
     """(B, F) ``f = 1[pi_gate > 0] * relu(W_mag (x - b_dec) + b_mag)``."""
 
 
-class GatedSAE(SparseAutoencoder):
+class GatedSAE(DenseCodeSAE):
     """Rajamanoharan et al. 2024 §3.1: a gate path decides which latents are active, a magnitude path how
     strongly, sharing one weight matrix up to a per-latent scale:
 
@@ -54,32 +52,13 @@ class GatedSAE(SparseAutoencoder):
 
     architecture = "gated"
 
-    def __init__(
-        self,
-        d_in: int,
-        num_latents: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.d_in = self.d_out = d_in
-        self.num_latents = num_latents
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        # Unit-norm random decoder rows (dictionary_learning's GatedAutoEncoder), the encoder as their transpose
-        # (the April 2024 update's tied start, which Rajamanoharan et al. recommend for gated SAEs too), zero
-        # biases and r_mag = 0 (so W_mag = W_gate at the start).
-        W_dec_FD = random_unit_rows(num_latents, d_in, generator)
-        self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
-        self.b_gate = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
-        self.r_mag = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
-        self.b_mag = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
-
-    def config(self) -> dict[str, Any]:
-        return {"d_in": self.d_in, "num_latents": self.num_latents}
+    # Unit-norm random decoder rows (dictionary_learning's GatedAutoEncoder), the encoder as their transpose (the
+    # April 2024 update's tied start, which Rajamanoharan et al. recommend for gated SAEs too), zero biases and
+    # r_mag = 0 (so W_mag = W_gate at the start): ``DenseCodeSAE``'s initialisation.
+    latent_biases = ("b_gate", "r_mag", "b_mag")
+    b_gate: nn.Parameter
+    r_mag: nn.Parameter
+    b_mag: nn.Parameter
 
     def activations(self, x_BD: Tensor) -> GatedActivations:
         """The gate pre-activations and the gated code, both dense and differentiable (through the magnitude
@@ -93,9 +72,6 @@ class GatedSAE(SparseAutoencoder):
         """The gated code's non-zeros; ``pre_acts`` are the gate pre-activations ``pi_gate``."""
         gate_BF, acts_BF = self.activations(x_BD)
         return dense_to_codes(acts_BF, gate_BF.detach())
-
-    def decode(self, codes: SparseCodes) -> Tensor:
-        return sparse_decode(codes.values, Selection(codes.indices, self.num_latents), self.W_dec) + self.b_dec
 
 
 class GatedObjective(Objective):

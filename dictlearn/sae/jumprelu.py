@@ -7,24 +7,33 @@ Equation numbers are the paper's (v3). Shape letters are the package's (see ``di
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dictlearn.sae.base import (
+    DenseCodeSAE,
     LossOutput,
     Objective,
-    SparseAutoencoder,
     SparseCodes,
     StepContext,
     dense_to_codes,
-    random_unit_rows,
 )
-from dictlearn.sae.kernels import Selection, sparse_decode
 from dictlearn.sae.losses import fvu
-from dictlearn.sae.topk import remove_parallel_gradient_, unit_norm_rows_
+from dictlearn.sae.topk import geometric_median, remove_parallel_gradient_, unit_norm_rows_
+
+# Defaults for a run of a few hundred steps on inputs scaled to E||x||^2 = d_in (``Objective.normalize_inputs``).
+# Rajamanoharan et al. 2024's initial threshold and bandwidth (0.001 each) and learning rate (7e-5) belong to runs
+# of billions of tokens: Adam moves a threshold by about the learning rate a step, so a 220-step run at 7e-5 moves
+# it by 0.015 at most, and on SmolLM2-135M blocks.6.hook_resid_post (4,608 latents, 900k tokens) it ended at L0
+# ~1,800 and FVU 7.4. With unit-norm encoder rows and scaled inputs a pre-activation is of order 1 (at the tied
+# initialisation on that hook, a threshold of 0.001 keeps 2,288 latents a token, 1.0 keeps 477, 2.0 keeps 54), so
+# the threshold starts at 1.0; the params' bandwidth default is SAELens's ``jumprelu_bandwidth`` (0.05, with the
+# same input scaling, ``normalize_activations='expected_average_only_in'``), wide enough for a batch to put
+# entries in the window; the learning rate is ``dictlearn.sae.registry.penalty_family_lr`` (1e-3). Measured with
+# these defaults (bench/architectures.py --only jumprelu --tokens 200000, 48 steps): training L0 fell from 489 to
+# 28 and training FVU to 0.17.
+INITIAL_THRESHOLD = 1.0
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -78,7 +87,7 @@ def step(z_BF: Tensor, threshold_F: Tensor, bandwidth: float) -> Tensor:
     return _Step.apply(z_BF, threshold_F, bandwidth)
 
 
-class JumpReLUSAE(SparseAutoencoder):
+class JumpReLUSAE(DenseCodeSAE):
     """JumpReLU SAE (Eq. 8): ``pre = W_enc x + b_enc`` with NO ``b_dec`` subtracted from x (as Gemma Scope and
     dictionary_learning ``JumpReluAutoEncoder``, whose ``apply_b_dec_to_input`` is False), ``f = pre * H(pre -
     theta)`` with a learned positive threshold theta per latent (the parameter ``threshold`` [F]), ``x_hat =
@@ -86,36 +95,18 @@ class JumpReLUSAE(SparseAutoencoder):
 
     Initialisation (dictionary_learning ``JumpReluAutoEncoder``): random unit-norm
     decoder rows, the encoder equal to the decoder's transpose, zero biases, every threshold at
-    ``initial_threshold``. We keep theta itself as the parameter rather than the paper's ``log_threshold``
+    ``initial_threshold`` (``INITIAL_THRESHOLD`` for short runs; 0.001 in the paper's App. I for long ones);
+    ``JumpReLUObjective.initialize_`` then moves ``b_dec`` to the data. We keep theta itself as the parameter rather than the paper's ``log_threshold``
     (Appendix J's pseudo-code), as dictionary_learning does, so it scales with the input like the biases.
     """
 
     architecture = "jumprelu"
 
-    def __init__(
-        self,
-        d_in: int,
-        num_latents: int,
-        *,
-        initial_threshold: float = 0.001,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.d_in = self.d_out = d_in
-        self.num_latents = num_latents
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        W_dec_FD = random_unit_rows(num_latents, d_in, generator)
-        # A copy: ``.to`` returns the same tensor when the dtype is already float64.
-        self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
-        self.b_enc = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
-        self.threshold = nn.Parameter(torch.full((num_latents,), initial_threshold, dtype=dtype, device=device))
-
-    def config(self) -> dict[str, Any]:
-        return {"d_in": self.d_in, "num_latents": self.num_latents}
+    def __init__(self, d_in: int, num_latents: int, *, initial_threshold: float = INITIAL_THRESHOLD, **kwargs) -> None:
+        super().__init__(d_in, num_latents, **kwargs)
+        self.threshold = nn.Parameter(
+            torch.full((num_latents,), initial_threshold, dtype=self.dtype, device=self.device)
+        )
 
     def pre_activations(self, x_BD: Tensor) -> Tensor:
         """(B, F) ``W_enc x + b_enc``."""
@@ -127,9 +118,6 @@ class JumpReLUSAE(SparseAutoencoder):
         pre_acts_BF = self.pre_activations(x_BD)
         acts_BF = F.relu(pre_acts_BF * (pre_acts_BF > self.threshold))
         return dense_to_codes(acts_BF, pre_acts_BF.detach())
-
-    def decode(self, codes: SparseCodes) -> Tensor:
-        return sparse_decode(codes.values, Selection(codes.indices, self.num_latents), self.W_dec) + self.b_dec
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:
@@ -147,7 +135,9 @@ class JumpReLUObjective(Objective):
     clamped at 0 after each step so theta stays a threshold (JumpReLU is defined for theta > 0).
 
     Inputs are normalised (``normalize_inputs``): lambda, the bandwidth and the initial threshold then mean
-    the same at every hook.
+    the same at every hook. ``b_dec`` starts at the geometric median of a sample (Bricken et al. 2023, as the
+    ReLU and gated recipes here): the encoder does not subtract it, so it only moves the starting
+    reconstruction to the data, which a short run at a small learning rate could not do by itself.
     """
 
     normalize_inputs = True
@@ -182,3 +172,7 @@ class JumpReLUObjective(Objective):
     def after_optimizer_step(self, sae: JumpReLUSAE, out: LossOutput, ctx: StepContext) -> None:
         unit_norm_rows_(sae.W_dec)
         sae.threshold.clamp_(min=0)
+
+    def initialize_(self, sae: JumpReLUSAE, x_SD: Tensor, y_SD: Tensor) -> None:
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(y_SD))

@@ -23,27 +23,69 @@ _DENSE_BLOCK_MIN_FILL = 1 / 5
 # ``top_k_indices`` splits each row into this many slabs; 16 measured fastest for 32 of 8192 on the bench.
 _TOPK_SLABS = 16
 
+# ``top_k_indices`` bounds a wide top-k (``_top_k_above_bound``) when a row has at least this many columns per
+# selected entry; measured on the bench machine: 8 (256 of 4,096) and 64 (128 of 8,192) gain, 2 to 4 do not.
+_WIDE_TOPK_MIN_RATIO = 8
+
 
 def top_k_indices(values_BF: Tensor, k: int) -> Tensor:
     """(B, K) int64 indices of the ``k`` largest entries of each row (in no particular order), as
-    ``values_BF.topk(k).indices`` selects, found in two small top-k passes instead of one wide one.
+    ``values_BF.topk(k).indices`` selects (ties may pick other, equally valid, columns).
 
-    Column f belongs to group ``f mod G`` of ``G = F / _TOPK_SLABS`` strided groups, and a group's maximum is an
-    elementwise max over the row's slabs (one vectorised pass). The ``k`` groups with the largest maxima hold
-    a full top-k: a group outside them is beaten by ``k`` group maxima, ``k`` distinct entries, so none of its
-    entries is needed (ties give another equally valid top-k). Selecting among those ``k * _TOPK_SLABS``
-    candidates costs less than a top-k over all F columns once G is several times ``k`` (about 20% less for
-    32 of 8192 on the bench machine); otherwise this is ``torch.topk``.
+    Both fast paths rest on one fact: column f belongs to group ``f mod G`` of G strided groups, and any
+    ``k`` group maxima are ``k`` distinct entries, so the row's ``k``-th largest entry is at least the
+    ``k``-th largest group maximum, and every entry of the top-k lies in one of the ``k`` groups with the
+    largest maxima. A top-k over the G group maxima (one vectorised elementwise max over the row's slabs)
+    therefore narrows the search:
+
+    - narrow k (``G = F / _TOPK_SLABS`` at least ``4k``, e.g. 32 of 8192): the ``k * _TOPK_SLABS`` entries of
+      the ``k`` best groups are the candidates (``_top_k_in_best_groups``; about 20% less than ``torch.topk``
+      on the bench machine);
+    - wide k (``F >= 8k``, e.g. AuxK's 256 of 4,096 dead latents): the candidates are the entries at or above
+      the ``k``-th largest of ``2k`` group maxima, about ``1.5k`` per row (``_top_k_above_bound``; about 25% less
+      than ``torch.topk`` for 256 of 4,096 on the bench machine);
+
+    otherwise this is ``torch.topk``.
     """
+    num_columns = values_BF.shape[1]
+    if num_columns % _TOPK_SLABS == 0 and num_columns // _TOPK_SLABS >= 4 * k:
+        return _top_k_in_best_groups(values_BF, k)
+    if num_columns >= _WIDE_TOPK_MIN_RATIO * k:
+        return _top_k_above_bound(values_BF, k)
+    return values_BF.topk(k, sorted=False).indices
+
+
+def _top_k_in_best_groups(values_BF: Tensor, k: int) -> Tensor:
+    """``top_k_indices`` among the entries of the ``k`` groups (of ``F / _TOPK_SLABS``) with the largest maxima."""
     batch_size, num_columns = values_BF.shape
     num_groups = num_columns // _TOPK_SLABS
-    if num_columns % _TOPK_SLABS or num_groups < 4 * k:
-        return values_BF.topk(k, sorted=False).indices
     slabs_BSG = values_BF.view(batch_size, _TOPK_SLABS, num_groups)
     groups_BK = slabs_BSG.amax(1).topk(k, sorted=False).indices
     candidates_BSK = slabs_BSG.gather(2, groups_BK.unsqueeze(1).expand(batch_size, _TOPK_SLABS, k))
     positions_BK = candidates_BSK.view(batch_size, _TOPK_SLABS * k).topk(k, sorted=False).indices
     return (positions_BK // k) * num_groups + groups_BK.gather(1, positions_BK % k)
+
+
+def _top_k_above_bound(values_BF: Tensor, k: int) -> Tensor:
+    """``top_k_indices`` among the entries at or above a lower bound of each row's ``k``-th largest entry: the
+    ``k``-th largest of the maxima of ``2k`` strided groups (columns past the last full slab join no group; the
+    bound still holds). Each row's candidates are packed, with ``-inf`` after them, into a (B, C) block for a
+    narrow ``torch.topk``; no (B, F) sort or mask-fill is made."""
+    batch_size, num_columns = values_BF.shape
+    num_groups = 2 * k
+    num_slabs = num_columns // num_groups
+    slabs_BSG = values_BF[:, : num_slabs * num_groups].unflatten(1, (num_slabs, num_groups))
+    bound_B1 = slabs_BSG.amax(1).topk(k, sorted=False).values.amin(1, keepdim=True)
+    rows_E, columns_E = (values_BF >= bound_B1).nonzero(as_tuple=True)
+    counts_B = torch.bincount(rows_E, minlength=batch_size)
+    # Entry e is the slot_E[e]-th candidate of its row (nonzero lists them row by row).
+    slot_E = torch.arange(rows_E.numel(), device=rows_E.device) - (counts_B.cumsum(0) - counts_B)[rows_E]
+    width = int(counts_B.max())
+    candidates_BC = values_BF.new_full((batch_size, width), -torch.inf)
+    candidates_BC[rows_E, slot_E] = values_BF[rows_E, columns_E]
+    columns_BC = columns_E.new_zeros(batch_size, width)
+    columns_BC[rows_E, slot_E] = columns_E
+    return columns_BC.gather(1, candidates_BC.topk(k, sorted=False).indices)
 
 
 def _csr(crow_indices: Tensor, col_indices: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dictlearn.sae.kernels import Selection
+from dictlearn.sae.kernels import Selection, top_k_indices
 
 if TYPE_CHECKING:
     from dictlearn.sae.topk import TopKFamilySAE
@@ -61,8 +61,8 @@ def auxk_loss(
     if dead_N.numel() == 0:
         return x_BD.new_zeros(())
     # Selecting among the dead columns only, instead of masking the live ones to -inf, leaves no -inf entry
-    # to pick when fewer than aux_k latents are dead.
-    local_indices_BK = pre_acts_BF.index_select(1, dead_N).topk(min(aux_k, dead_N.numel()), sorted=False).indices
+    # to pick when fewer than aux_k latents are dead, and halves the top-k's work when half are dead.
+    local_indices_BK = top_k_indices(pre_acts_BF.index_select(1, dead_N), min(aux_k, dead_N.numel()))
     selection = Selection(dead_N[local_indices_BK], sae.num_latents)
     aux_acts_BK = F.relu(sae.gather(x_BD, pre_acts_BF, selection))
     e_BD = (y_BD - x_hat_BD).detach()

@@ -14,7 +14,7 @@ import torch
 
 from dictlearn.errors import UserError
 from dictlearn.sae.base import Objective, SparseAutoencoder
-from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, threshold_start_step
 from dictlearn.sae.gated import DEFAULT_L1_COEFFICIENT as GATED_L1_COEFFICIENT
 from dictlearn.sae.gated import GatedObjective, GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
@@ -68,11 +68,12 @@ def _topk_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Obj
     return TopKObjective(sae_params.aux_k or default_aux_k(sae.d_in), sae_params.aux_coef)
 
 
-def l1_family_lr(num_latents: int) -> float:
-    """1e-3 at every width, the default of dictionary_learning's StandardTrainer and StandardTrainerAprilUpdate. The April
-    2024 update's 5e-5 and Rajamanoharan et al.'s (and GatedSAETrainer's) 5e-5 belong to runs of billions of
-    tokens; in runs of a few hundred steps they leave the SAE near its initialisation, so set ``train.lr`` to
-    them for long runs."""
+def penalty_family_lr(num_latents: int) -> float:
+    """1e-3 at every width, the default of dictionary_learning's StandardTrainer and StandardTrainerAprilUpdate,
+    for the recipes with a sparsity penalty (ReLU, gated, JumpReLU). The April 2024 update's 5e-5, Rajamanoharan
+    et al.'s 5e-5 (gated; GatedSAETrainer) and 7e-5 (JumpReLU; JumpReluTrainer) belong to runs of billions of
+    tokens; in runs of a few hundred steps they leave the SAE near its initialisation (Adam moves each weight by
+    about the learning rate a step), so set ``train.lr`` to them for long runs."""
     return 1e-3
 
 
@@ -105,7 +106,7 @@ def _batchtopk_objective_kwargs(sae_params, sae: SparseAutoencoder, total_steps:
         "aux_k": sae_params.aux_k or default_aux_k(sae.d_in),
         "aux_coef": sae_params.aux_coef,
         "threshold_beta": sae_params.threshold_beta,
-        "threshold_start_step": int(sae_params.threshold_start_fraction * total_steps),
+        "threshold_start_step": threshold_start_step(sae_params.threshold_start_fraction, total_steps),
     }
 
 
@@ -156,18 +157,13 @@ def _jumprelu_objective(sae_params, sae: SparseAutoencoder, total_steps: int) ->
     )
 
 
-def jumprelu_lr(num_latents: int) -> float:
-    """7e-5, Rajamanoharan et al. 2024's learning rate and dictionary_learning ``JumpReluTrainer``'s default."""
-    return 7e-5
-
-
 ARCHITECTURES: dict[str, Architecture] = {
     "topk": Architecture(TopKSAE, _build_topk_family(TopKSAE), _topk_objective),
     "batchtopk": Architecture(BatchTopKSAE, _build_topk_family(BatchTopKSAE), _batchtopk_objective),
     "matryoshka": Architecture(MatryoshkaSAE, _build_matryoshka, _matryoshka_objective),
-    "relu": Architecture(ReLUSAE, _build_relu, _relu_objective, l1_family_lr),
-    "gated": Architecture(GatedSAE, _build_gated, _gated_objective, l1_family_lr),
-    "jumprelu": Architecture(JumpReLUSAE, _build_jumprelu, _jumprelu_objective, jumprelu_lr),
+    "relu": Architecture(ReLUSAE, _build_relu, _relu_objective, penalty_family_lr),
+    "gated": Architecture(GatedSAE, _build_gated, _gated_objective, penalty_family_lr),
+    "jumprelu": Architecture(JumpReLUSAE, _build_jumprelu, _jumprelu_objective, penalty_family_lr),
 }
 
 

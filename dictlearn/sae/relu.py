@@ -7,23 +7,21 @@ Shape letters are the package's (see ``dictlearn``); N counts the latents an eve
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dictlearn.sae.base import (
+    DenseCodeSAE,
     EventContext,
     LossOutput,
     Objective,
-    SparseAutoencoder,
     SparseCodes,
     StepContext,
     dense_to_codes,
-    random_unit_rows,
 )
-from dictlearn.sae.kernels import Selection, sparse_decode
 from dictlearn.sae.losses import fvu, l1_penalty, squared_error
 from dictlearn.sae.topk import geometric_median, remove_parallel_gradient_, unit_norm_rows_
 
@@ -55,37 +53,13 @@ def penalty_warmup(step: int, total_steps: int, fraction: float) -> float:
     return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
 
 
-class ReLUSAE(SparseAutoencoder):
+class ReLUSAE(DenseCodeSAE):
     """``f = relu(W_enc (x - b_dec) + b_enc)``, ``x_hat = f W_dec + b_dec`` with ``W_enc`` and ``W_dec`` (F, D):
-    the pre-encoder bias is tied to the decoder bias (Bricken et al. 2023, "Problem setup")."""
+    the pre-encoder bias is tied to the decoder bias (Bricken et al. 2023, "Problem setup"). The tied
+    initialisation (``DenseCodeSAE``) draws decoder rows of norm ``decoder_norm``: 1 for bricken2023 (as
+    dictionary_learning's AutoEncoder), 0.1 for april2024."""
 
     architecture = "relu"
-
-    def __init__(
-        self,
-        d_in: int,
-        num_latents: int,
-        *,
-        decoder_norm: float = 1.0,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.d_in = self.d_out = d_in
-        self.num_latents = num_latents
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        # Random decoder directions with norm ``decoder_norm`` and the encoder as their transpose (1 for
-        # bricken2023 as dictionary_learning's AutoEncoder; 0.1 for april2024), zero biases.
-        W_dec_FD = decoder_norm * random_unit_rows(num_latents, d_in, generator)
-        self.W_enc = nn.Parameter(W_dec_FD.clone().to(device=device, dtype=dtype))
-        self.b_enc = nn.Parameter(torch.zeros(num_latents, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(W_dec_FD.to(device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
-
-    def config(self) -> dict[str, Any]:
-        # ``decoder_norm`` only shapes the initialisation, which a state dict overwrites.
-        return {"d_in": self.d_in, "num_latents": self.num_latents}
 
     def pre_activations(self, x_BD: Tensor) -> Tensor:
         """(B, F) ``W_enc (x - b_dec) + b_enc``, differentiable."""
@@ -94,11 +68,6 @@ class ReLUSAE(SparseAutoencoder):
     def encode(self, x_BD: Tensor) -> SparseCodes:
         pre_acts_BF = self.pre_activations(x_BD)
         return dense_to_codes(F.relu(pre_acts_BF), pre_acts_BF.detach())
-
-    def decode(self, codes: SparseCodes) -> Tensor:
-        """A sparse ``embedding_bag`` over the active latents: at a typical L0 of tens out of thousands of
-        latents this is O(B * K * D) instead of the dense O(B * F * D)."""
-        return sparse_decode(codes.values, Selection(codes.indices, self.num_latents), self.W_dec) + self.b_dec
 
     @torch.no_grad()
     def resample_latents_(self, latents_N: Tensor, inputs_ND: Tensor, alive_F: Tensor) -> None:
