@@ -12,11 +12,12 @@ from dictlearn.errors import UserError
 from dictlearn.formats.run_folder import load_dictionary, save_dictionary
 from dictlearn.params import parse_params
 from dictlearn.sae.base import StepContext, codes_to_dense
-from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, batch_top_k, threshold_start_step
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, batch_top_k
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.losses import fvu
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
 from dictlearn.sae.registry import build_objective
+from dictlearn.sae.topk import TopKSAE, threshold_start_step
 from dictlearn.training.step import train_step
 
 # shared/ sits beside the main checkout (parents[2] of tests/) or above a worktree's folder.
@@ -118,6 +119,10 @@ def test_threshold_start_follows_dictionary_learning_and_a_short_run_starts_at_i
     sae_params = parse_params({"sae": {"architecture": "batchtopk"}}).sae
     objective = build_objective(sae_params, BatchTopKSAE(16, 64, 4), total_steps=220)
     assert objective.threshold_start_step == 110
+    # TopK keeps the same running threshold for dictionary_learning's encode(use_threshold=True): a short run
+    # must set it too, not save -1.
+    topk = build_objective(parse_params({}).sae, TopKSAE(16, 64, 4), total_steps=220)
+    assert topk.threshold_start_step == 110
 
 
 @pytest.mark.parametrize("fraction", [1.0, -0.1])

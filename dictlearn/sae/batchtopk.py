@@ -101,38 +101,17 @@ class BatchTopKSAE(TopKFamilySAE):
         return SparseCodes(self.encode_selected(x_BD, pre_acts_BF, selection), selection.indices_BK, pre_acts_BF)
 
 
-# dictionary_learning ``BatchTopKTrainer``: the running threshold starts after ``threshold_start_step=1000``
-# steps (as long as its learning-rate warm-up) and moves by ``1 - threshold_beta`` (0.001) a step, so it
-# forgets the early SAE and ends as an average over its last thousands of steps.
-THRESHOLD_START_STEP = 1000
-
-
-def threshold_start_step(start_fraction: float | None, total_steps: int) -> int:
-    """The step from which the running threshold is estimated: ``start_fraction`` of the run when given;
-    otherwise dictionary_learning's 1000 steps, or half the run when that is sooner.
-
-    The start keeps the estimate away from the first steps, whose smallest kept activations belong to a
-    barely trained SAE: starting at step 0 with ``threshold_beta`` 0.999, a run of a few hundred steps keeps
-    about 80% of its first estimate (0.999^220), and inference L0 came out 9.5 with k 32 on SmolLM2-135M.
-    A run shorter than 2000 steps starts at its middle, so it still gets a threshold, from its second half.
-    """
-    if start_fraction is not None:
-        return int(start_fraction * total_steps)
-    return min(THRESHOLD_START_STEP, total_steps // 2)
-
-
 class BatchTopKObjective(TopKObjective):
     """Bussmann et al. 2024: TopK's objective (FVU + AuxK, decoder projection and renormalisation, geometric
     median ``b_dec``; ``TopKObjective``) with the batch top-k in training, and after each step the threshold
     update of dictionary_learning ``BatchTopKTrainer.update_threshold``: from ``threshold_start_step`` on,
     ``threshold <- beta * threshold + (1 - beta) * (smallest positive activation kept in the batch)``, the first
     estimate taken as it is. dictionary_learning starts after ``threshold_start_step``; we start at it, so a
-    start of 0 estimates from the first step (``threshold_start_step`` above gives the default start)."""
+    start of 0 estimates from the first step (``dictlearn.sae.topk.threshold_start_step`` gives the default)."""
 
     def __init__(self, aux_k: int, aux_coef: float, threshold_beta: float, threshold_start_step: int) -> None:
-        super().__init__(aux_k, aux_coef)
+        super().__init__(aux_k, aux_coef, threshold_start_step)
         self.threshold_beta = threshold_beta
-        self.threshold_start_step = threshold_start_step
 
     def forward_selected(self, sae: BatchTopKSAE, x_BD: Tensor):
         """(codes, selection): the batch top-k codes of ``x_BD``, differentiable in the values."""

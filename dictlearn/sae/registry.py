@@ -14,13 +14,13 @@ import torch
 
 from dictlearn.errors import UserError
 from dictlearn.sae.base import Objective, SparseAutoencoder
-from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, threshold_start_step
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE
 from dictlearn.sae.gated import DEFAULT_L1_COEFFICIENT as GATED_L1_COEFFICIENT
 from dictlearn.sae.gated import GatedObjective, GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
 from dictlearn.sae.relu import APRIL2024_DECODER_NORM, DEFAULT_L1_COEFFICIENT, ReLUObjective, ReLUSAE
-from dictlearn.sae.topk import TopKFamilySAE, TopKObjective, TopKSAE
+from dictlearn.sae.topk import TopKFamilySAE, TopKObjective, TopKSAE, threshold_start_step
 
 
 def default_aux_k(d_in: int) -> int:
@@ -65,7 +65,9 @@ def _build_topk_family(sae_class: type[TopKFamilySAE]) -> Callable[..., SparseAu
 
 
 def _topk_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
-    return TopKObjective(sae_params.aux_k or default_aux_k(sae.d_in), sae_params.aux_coef)
+    return TopKObjective(
+        sae_params.aux_k or default_aux_k(sae.d_in), sae_params.aux_coef, threshold_start_step(None, total_steps)
+    )
 
 
 def penalty_family_lr(num_latents: int) -> float:
