@@ -29,7 +29,11 @@ VARIANTS: dict[str, dict] = {
     "jumprelu": {"sae": {"architecture": "jumprelu"}},
     "gated": {"sae": {"architecture": "gated"}},
     "relu": {"sae": {"architecture": "relu"}},
-    "relu+resampling": {"sae": {"architecture": "relu", "resample_every": 50}},
+    "relu+resampling": {"sae": {"architecture": "relu", "resample_every": 25}},
+    # A penalty strong enough to kill latents, with and without Bricken et al.'s resampling: the default L1 leaves
+    # none dead on this data, so the pair above cannot show what resampling does.
+    "relu l1=20": {"sae": {"architecture": "relu", "l1_coefficient": 20}},
+    "relu l1=20+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 20, "resample_every": 25}},
     "relu april2024": {"sae": {"architecture": "relu", "recipe": "april2024"}},
     "topk transcoder": {
         "hook": "blocks.6.ln2.hook_normalized",
@@ -52,7 +56,7 @@ def main() -> None:
     rows = []
     for name in chosen:
         variant = VARIANTS[name]
-        run_name = name.replace(" ", "_").replace("+", "_")
+        run_name = name.replace(" ", "_").replace("+", "_").replace("=", "")
         params = {
             **base,
             **{key: value for key, value in variant.items() if key not in ("sae", "train")},

@@ -122,6 +122,9 @@ def test_resampling_runs_only_on_its_schedule_and_never_in_april2024():
     assert april.scheduled_event(sae, _event(optimizer, dead_F, torch.randn(64, D), step=5)) is None
     no_dead = objective.scheduled_event(sae, _event(optimizer, ~dead_F, torch.randn(64, D), step=10))
     assert no_dead == {"resampled": 0}
+    # Not in the last resample_every steps: a latent resampled then would end the run untrained.
+    assert [step for step in range(1, 101) if objective.resamples_at(step)] == list(range(5, 96, 5))
+    assert objective.scheduled_event(sae, _event(optimizer, dead_F, torch.randn(64, D), step=100)) is None
 
 
 def test_l1_coefficient_warms_up_linearly_from_zero():

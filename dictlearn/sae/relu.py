@@ -165,8 +165,16 @@ class ReLUObjective(Objective):
             with torch.no_grad():
                 sae.b_dec.copy_(geometric_median(y_SD))
 
+    def resamples_at(self, step: int) -> bool:
+        """Every ``resample_every`` steps, but not in the last ``resample_every`` steps of the run: Bricken et al.
+        resample early (at 25k, 50k, 75k and 100k steps of a far longer run), so every resampled latent has time
+        to learn; one resampled at the last step would be scored untrained, as neither dead nor useful."""
+        if not self.resample_every or step % self.resample_every:
+            return False
+        return step <= self.total_steps - self.resample_every
+
     def scheduled_event(self, sae: ReLUSAE, ctx: EventContext) -> dict | None:
-        if not self.resample_every or ctx.step % self.resample_every:
+        if not self.resamples_at(ctx.step):
             return None
         return resample_dead_latents_(sae, ctx, self.resample_rows)
 
