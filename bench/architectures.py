@@ -24,6 +24,7 @@ from dictlearn.report.common import print_table  # noqa: E402
 # name -> the sae section (and train overrides) of the variant; everything else is params.json's.
 VARIANTS: dict[str, dict] = {
     "topk": {"sae": {"architecture": "topk"}},
+    "topk 16x": {"sae": {"architecture": "topk", "expansion_factor": 16}},
     "batchtopk": {"sae": {"architecture": "batchtopk"}},
     "matryoshka": {"sae": {"architecture": "matryoshka"}},
     "jumprelu": {"sae": {"architecture": "jumprelu"}},
