@@ -16,8 +16,8 @@ Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised and every m
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,8 @@ from torch import Tensor
 
 from dictlearn.errors import UserError
 from dictlearn.sae.base import Ranks
+
+T = TypeVar("T")
 
 
 class Distributed(Ranks):
@@ -167,6 +169,21 @@ class Distributed(Ranks):
         gathered = [None] * self.world_size if self.is_first else None
         dist.gather_object(value, gathered, dst=0)
         return gathered
+
+    def on_first(self, action: Callable[[], T]) -> T:
+        """``action()`` run on rank 0 alone (taking locks, claiming or clearing output folders) while the others
+        wait; its result (picklable) is returned on every rank, and a ``UserError`` it raises is raised on every
+        rank, so no rank is left waiting for one that has stopped."""
+        result, error = None, None
+        if self.is_first:
+            try:
+                result = action()
+            except UserError as err:
+                error = str(err)
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise UserError(error)
+        return result
 
     def barrier(self) -> None:
         if self.world_size > 1:

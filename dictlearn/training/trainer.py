@@ -111,6 +111,8 @@ RESUMABLE_CHANGES = {
     "train.max_grad_norm",
     "train.checkpoint_every",
     "train.log_every",
+    # How processes share the work; a checkpoint's world size is checked on its own (``check_world_size``).
+    "train.distribute",
 }
 
 # A step is blown up when its FVU is above this (10x worse than predicting the mean, FVU 1) and also this many
