@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,18 +276,38 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path, tiny_che
 # --- torchrun, end to end ---
 
 
+def torchrun(params: dict, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(REPO / "training_script.py"), "--params", str(tmp_path / "params.json"), *extra]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+
 @pytest.mark.slow
 def test_torchrun_trains_the_script_data_parallel(tmp_path, tiny_checkpoint_with_text):
     model, corpus = tiny_checkpoint_with_text
     params = tiny_params(model, corpus, tmp_path, tokens=2048, checkpoint_every=4)
     params["buffer"] = {"size_tokens": 1024, "batch_size": 128, "model_batch_size": 8}
-    (tmp_path / "params.json").write_text(json.dumps(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(REPO / "training_script.py"), "--params", str(tmp_path / "params.json")]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    done = torchrun(params, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = next((tmp_path / "dicts").glob("*/blocks.1.hook_resid_post/*"))
     assert {"ae.pt", "config.json", "eval.json", "metrics.jsonl"} <= {path.name for path in folder.iterdir()}
     assert "2 processes, 64 rows each a step" in done.stdout and done.stdout.count("evaluation") == 1
     assert json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["tokens"] == 2048
+
+
+@pytest.mark.slow
+def test_torchrun_places_whole_runs_on_processes_with_distribute_modules(tmp_path, tiny_checkpoint_with_text):
+    model, corpus = tiny_checkpoint_with_text
+    params = tiny_params(model, corpus, tmp_path, tokens=1024, checkpoint_every=4, distribute="modules")
+    params["buffer"] = {"size_tokens": 1024, "batch_size": 128, "model_batch_size": 8}
+    params["sweep"] = {"name": "ks", "variants": [{"sae": {"k": 2}}, {"sae": {"k": 4}}]}
+    done = torchrun(params, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 runs over 2 processes" in done.stdout
+    rows = json.loads(next((tmp_path / "dicts").glob("*/sweeps/ks/sweep.json")).read_text())
+    assert [row["run"] for row in rows] == ["128_k2", "128_k4"]
+    for row in rows:  # each rank trained its run on full batches of all the data
+        metrics = (Path(row["folder"]) / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["tokens"] for line in metrics][-1] == 1024
