@@ -64,7 +64,7 @@ def main() -> None:
         if args.if_missing and (folder / AE_FILE).is_file():
             print(f"{folder} already holds a trained dictionary; python training_script.py --overwrite trains it again")
             return
-        buffer = training_buffers(params, lm, [runs[0].hooks], distributed)[0]  # a missing store is refused first
+        buffer = training_buffers(params, lm, [runs[0].hooks], distributed.part)[0]  # a missing store is refused first
         with ExitStack() as locks:
 
             def claim() -> None:
@@ -98,6 +98,8 @@ def main() -> None:
             if not args.resume:
                 for path in sweep_folder.glob(f"**/{BUFFERS_FILE}"):
                     path.unlink()
+            elif modules:
+                check_module_layout(sweep_folder, distributed.world_size)
             if skip:
                 print(f"{len(skip)} of {len(runs)} runs already hold a dictionary and are left as they are")
             return pending
@@ -109,13 +111,33 @@ def main() -> None:
             print(f"train.distribute 'modules': {len(pending)} runs over {distributed.world_size} processes")
             if mine:
                 # Each rank's shared buffers are checkpointed in a folder of its own.
-                sweep(params, lm, mine, sweep_folder / f"rank{distributed.rank}", resume=args.resume)
+                sweep(params, lm, mine, module_folder(sweep_folder, distributed), resume=args.resume)
             distributed.barrier()  # every rank's eval.json is written before the summary reads them
         elif pending:
             sweep(params, lm, pending, sweep_folder, resume=args.resume, distributed=distributed)
         if distributed.is_first:
             summarise(runs, sweep_folder)
     distributed.close()
+
+
+def module_folder(sweep_folder: Path, distributed: Distributed) -> Path:
+    """Where a rank's shared buffers are checkpointed under train.distribute 'modules'."""
+    return sweep_folder / f"rank{distributed.rank}_of_{distributed.world_size}"
+
+
+def check_module_layout(sweep_folder: Path, world_size: int) -> None:
+    """A 'modules' sweep resumes with the process count that placed its runs."""
+    others = sorted(
+        path.parent.name
+        for path in sweep_folder.glob(f"rank*_of_*/{BUFFERS_FILE}")
+        if not path.parent.name.endswith(f"_of_{world_size}")
+    )
+    if others:
+        processes = others[0].rpartition("_of_")[2]
+        raise UserError(
+            f"--resume: {sweep_folder} holds a train.distribute 'modules' sweep placed on {processes} processes and "
+            f"this run has {world_size}; resume with torchrun --nproc_per_node {processes}"
+        )
 
 
 def train(params, lm, run, buffer, *, resume: bool, init_from: str | None, distributed: Distributed) -> None:
@@ -153,7 +175,7 @@ def sweep(params, lm, runs, sweep_folder: Path, *, resume: bool, distributed: Di
     make_folder(sweep_folder, "sweep folder")
     groups = list(dict.fromkeys(tuple(hook.name for hook in run.hooks) for run in runs))
     hooks_of = {tuple(hook.name for hook in run.hooks): run.hooks for run in runs}
-    buffers = training_buffers(params, lm, [hooks_of[group] for group in groups], distributed)
+    buffers = training_buffers(params, lm, [hooks_of[group] for group in groups], distributed.part)
     buffer_of = [groups.index(tuple(hook.name for hook in run.hooks)) for run in runs]
     trainings = [
         set_up(run, lm, buffers[index], distributed=distributed) for run, index in zip(runs, buffer_of, strict=True)

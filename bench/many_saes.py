@@ -54,7 +54,7 @@ def harvest_seconds(lm, hooks, windows, model_batch_size: int) -> tuple[float, i
 def train_seconds(distributed: Distributed, steps: int) -> float:
     """Seconds for ``steps`` TopK training steps on this rank's share of a synthetic global batch (after
     ``WARMUP_STEPS``), the slowest rank's."""
-    rows = distributed.share(BATCH, "batch")
+    rows = BATCH // distributed.world_size
     sae = TopKSAE(D_IN, NUM_LATENTS, K, seed=0)
     objective, optimizer = TopKObjective(aux_k=256, aux_coef=1 / 32), adam(sae, 1e-4)
     generator = torch.Generator().manual_seed(distributed.rank)

@@ -15,7 +15,6 @@ from dictlearn.errors import UserError
 from dictlearn.lm.models import HookPoint, LanguageModel, hook_width
 from dictlearn.lm.text import training_windows
 from dictlearn.params import Params
-from dictlearn.training.distributed import Distributed
 
 
 def _store_of(params: Params, lm: LanguageModel, hook: HookPoint) -> ActivationStore:
@@ -53,19 +52,22 @@ def _stores_side_by_side(stores: list[ActivationStore], part: Part) -> ChunkSour
 
 
 def training_buffers(
-    params: Params, lm: LanguageModel, groups: Sequence[Sequence[HookPoint]], distributed: Distributed | None = None
+    params: Params, lm: LanguageModel, groups: Sequence[Sequence[HookPoint]], part: Part = WHOLE
 ) -> list[ShuffledBuffer]:
     """A shuffled buffer per group of hooks (rows ``[hook | hook ...]``), over live activations from one shared
     forward or over the stores, as ``train.source`` says. Every buffer has the same size, batch size and seed,
     so they serve rows of the same tokens in the same order.
 
-    With ``distributed`` (data-parallel ranks) each rank's buffers read its ``Part`` of the data (model batches
-    or shards ``rank``, ``rank + N``, ...), hold ``buffer.size_tokens / N`` rows (memory per rank stays fixed)
-    and serve ``buffer.batch_size / N`` rows a step, so a step of all ranks is one global batch."""
-    distributed = distributed or Distributed()
-    part = Part(distributed.rank, distributed.world_size) if distributed.world_size > 1 else WHOLE
-    size = params.buffer.size_tokens // distributed.world_size
-    batch_size = distributed.share(params.buffer.batch_size, "buffer.batch_size")
+    With a ``part`` of the data (rank ``part.index`` of ``part.count`` data-parallel ranks: model batches or
+    shards ``index``, ``index + count``, ...) the buffers hold ``buffer.size_tokens / count`` rows (memory per
+    rank stays fixed) and serve ``buffer.batch_size / count`` rows a step, so a step of all ranks is one global
+    batch; a batch size that does not split evenly is refused."""
+    if params.buffer.batch_size % part.count:
+        raise UserError(
+            f"buffer.batch_size: {params.buffer.batch_size} rows do not split evenly over {part.count} processes; "
+            f"use a multiple of {part.count}"
+        )
+    size, batch_size = params.buffer.size_tokens // part.count, params.buffer.batch_size // part.count
     if params.train.source == "store":
         stores = {hook.name: _store_of(params, lm, hook) for group in groups for hook in group}
         sources = [_stores_side_by_side([stores[hook.name] for hook in group], part) for group in groups]

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dictlearn.activations.harvest import Part
 from dictlearn.errors import UserError
 from dictlearn.sae.base import Ranks
 
@@ -64,15 +65,10 @@ class Distributed(Ranks):
         """Rank 0: the one that writes files and prints."""
         return self.rank == 0
 
-    def share(self, rows: int, what: str) -> int:
-        """This rank's share of ``rows`` (a global count: ``buffer.batch_size``, ``buffer.size_tokens``); refused
-        in one line when the ranks cannot have equal shares."""
-        if rows % self.world_size:
-            raise UserError(
-                f"{what}: {rows} rows do not split evenly over {self.world_size} processes; "
-                f"use a multiple of {self.world_size}"
-            )
-        return rows // self.world_size
+    @property
+    def part(self) -> Part:
+        """The part of the data this rank reads (``training_buffers``)."""
+        return Part(self.rank, self.world_size)
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
