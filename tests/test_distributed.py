@@ -311,3 +311,10 @@ def test_torchrun_places_whole_runs_on_processes_with_distribute_modules(tmp_pat
     for row in rows:  # each rank trained its run on full batches of all the data
         metrics = (Path(row["folder"]) / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["tokens"] for line in metrics][-1] == 1024
+    # A 'modules' sweep left by 3 processes is not resumed by 2.
+    left = next((tmp_path / "dicts").glob("*/sweeps/ks")) / "rank0_of_3"
+    left.mkdir()
+    (left / "buffers.pt").write_bytes(b"")
+    refused = torchrun(params, tmp_path, "--resume")
+    assert refused.returncode != 0
+    assert "placed on 3 processes and this run has 2; resume with torchrun --nproc_per_node 3" in refused.stderr
