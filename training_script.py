@@ -35,7 +35,16 @@ from dictlearn.report.common import (
 )
 from dictlearn.report.tracking import NoTracking, start_tracking
 from dictlearn.training.distributed import Distributed
-from dictlearn.training.runs import BUFFERS_FILE, Training, plan_runs, set_up, start_in_step, train_in_step
+from dictlearn.training.runs import (
+    BUFFERS_FILE,
+    Training,
+    check_module_layout,
+    module_folder,
+    plan_runs,
+    set_up,
+    start_in_step,
+    train_in_step,
+)
 from dictlearn.training.trainer import Trainer
 
 
@@ -112,32 +121,12 @@ def main() -> None:
             if mine:
                 # Each rank's shared buffers are checkpointed in a folder of its own.
                 sweep(params, lm, mine, module_folder(sweep_folder, distributed), resume=args.resume)
-            distributed.barrier()  # every rank's eval.json is written before the summary reads them
+            distributed.wait_for_all()  # every rank's eval.json is written before the summary reads them
         elif pending:
             sweep(params, lm, pending, sweep_folder, resume=args.resume, distributed=distributed)
         if distributed.is_first:
             summarise(runs, sweep_folder)
     distributed.close()
-
-
-def module_folder(sweep_folder: Path, distributed: Distributed) -> Path:
-    """Where a rank's shared buffers are checkpointed under train.distribute 'modules'."""
-    return sweep_folder / f"rank{distributed.rank}_of_{distributed.world_size}"
-
-
-def check_module_layout(sweep_folder: Path, world_size: int) -> None:
-    """A 'modules' sweep resumes with the process count that placed its runs."""
-    others = sorted(
-        path.parent.name
-        for path in sweep_folder.glob(f"rank*_of_*/{BUFFERS_FILE}")
-        if not path.parent.name.endswith(f"_of_{world_size}")
-    )
-    if others:
-        processes = others[0].rpartition("_of_")[2]
-        raise UserError(
-            f"--resume: {sweep_folder} holds a train.distribute 'modules' sweep placed on {processes} processes and "
-            f"this run has {world_size}; resume with torchrun --nproc_per_node {processes}"
-        )
 
 
 def train(params, lm, run, buffer, *, resume: bool, init_from: str | None, distributed: Distributed) -> None:

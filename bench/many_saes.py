@@ -61,13 +61,13 @@ def train_seconds(distributed: Distributed, steps: int) -> float:
     dead_F = torch.zeros(NUM_LATENTS, dtype=torch.bool)
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
-            distributed.barrier()
+            distributed.wait_for_all()
             start = time.perf_counter()
         x_BD = torch.randn(rows, D_IN, generator=generator)
         ctx = StepContext(step, WARMUP_STEPS + steps, dead_F, distributed)
         train_step(sae, objective, optimizer, x_BD, x_BD, ctx, max_grad_norm=1.0, gradient_rule=GradientRule(),
                    distributed=distributed)  # fmt: skip
-    distributed.barrier()
+    distributed.wait_for_all()
     return time.perf_counter() - start
 
 

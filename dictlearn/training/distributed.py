@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -29,6 +30,8 @@ from dictlearn.sae.base import Ranks
 
 T = TypeVar("T")
 
+PATIENT_TIMEOUT = timedelta(days=7)
+
 
 class Distributed(Ranks):
     """Rank ``rank`` of ``world_size`` processes; collectives run on ``device`` (the rank's GPU under NCCL, the
@@ -38,6 +41,7 @@ class Distributed(Ranks):
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
+        self.patient = None
 
     @classmethod
     def from_env(cls, device: str = "auto") -> Distributed:
@@ -58,7 +62,11 @@ class Distributed(Ranks):
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size)
-        return cls(rank, world_size, torch.device("cuda", local_rank) if on_gpu else "cpu")
+        distributed = cls(rank, world_size, torch.device("cuda", local_rank) if on_gpu else "cpu")
+        # For ``wait_for_all``: a rank done with its runs may wait hours for the others, far past the default
+        # collective timeout (10 to 30 minutes); a gloo group with a long one lets it.
+        distributed.patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+        return distributed
 
     @property
     def is_first(self) -> bool:
@@ -181,6 +189,8 @@ class Distributed(Ranks):
             raise UserError(error)
         return result
 
-    def barrier(self) -> None:
+    def wait_for_all(self) -> None:
+        """Wait until every rank gets here, however long the slowest takes (``train.distribute`` 'modules': the
+        ranks train different runs, and rank 0's summary reads every run's results)."""
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.patient)

@@ -198,3 +198,24 @@ def train_in_step(
             if distributed.is_first:
                 state = {"step": first.step, "world_size": distributed.world_size, "ranks": ranks}
                 torch_save(sweep_folder / BUFFERS_FILE, state)
+
+
+def module_folder(sweep_folder: Path, distributed: Distributed) -> Path:
+    """Where a rank's shared buffers are checkpointed under ``train.distribute`` 'modules' (rank r trains runs r,
+    r + N, ... as a sweep of its own)."""
+    return sweep_folder / f"rank{distributed.rank}_of_{distributed.world_size}"
+
+
+def check_module_layout(sweep_folder: Path, world_size: int) -> None:
+    """A 'modules' sweep resumes with the process count that placed its runs."""
+    others = sorted(
+        path.parent.name
+        for path in sweep_folder.glob(f"rank*_of_*/{BUFFERS_FILE}")
+        if not path.parent.name.endswith(f"_of_{world_size}")
+    )
+    if others:
+        processes = others[0].rpartition("_of_")[2]
+        raise UserError(
+            f"--resume: {sweep_folder} holds a train.distribute 'modules' sweep placed on {processes} processes and "
+            f"this run has {world_size}; resume with torchrun --nproc_per_node {processes}"
+        )
