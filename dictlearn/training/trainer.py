@@ -419,10 +419,11 @@ class Trainer:
         event = self.objective.scheduled_event(
             self.sae, EventContext(self.step, self.optimizer, self.tracker.dead_mask(), self._sample)
         )
-        if self.distributed.any(bool(event)):
+        if self.distributed.world_size > 1 and self.distributed.any(bool(event)):
             # Each rank scored its own sample: rank 0's event stands, weights, Adam moments and record alike.
             self.distributed.broadcast_state_(self.sae, self.optimizer)
-            event = self.distributed.broadcast_object(event)
+            on_cpu = {key: value.cpu() if torch.is_tensor(value) else value for key, value in (event or {}).items()}
+            event = self.distributed.broadcast_object(on_cpu or None)  # not rank 0's GPU tensors on every rank
         if event:
             # A tensor, not a metric: the latents the event re-initialised, whose counters start again.
             self.tracker.revive(event.pop("revived_latents", None))
