@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dictlearn.activations.harvest import LiveActivations
+from dictlearn.activations.harvest import ActivationChunk, LiveActivations, Part
 from dictlearn.activations.source import training_buffers
+from dictlearn.activations.store import ActivationStore, StoreWriter, write_store
 from dictlearn.errors import UserError
 from dictlearn.lm.models import load_language_model, resolve_hooks
 from dictlearn.lm.text import training_windows
@@ -248,6 +249,35 @@ def test_two_ranks_agree_every_step_resume_exactly_and_reach_one_process_fvu(tmp
     two.load_state_dict(ranks[0]["topk"]["sae"])
     fvu_alone, fvu_two = _held_out_fvu(lm, params, alone.sae), _held_out_fvu(lm, params, two)
     assert abs(fvu_two - fvu_alone) <= 0.02 * fvu_alone, (fvu_two, fvu_alone)
+
+
+# --- each rank's part of the data ---
+
+
+def test_ranks_read_disjoint_parts_and_live_ranks_run_the_model_only_on_their_batches(
+    tmp_path, tiny_checkpoint_with_text, monkeypatch
+):
+    writer = StoreWriter(tmp_path / "store", {"d_in": 1}, shard_tokens=10)
+    rows = torch.arange(95)
+    write_store(lambda start: iter([ActivationChunk(rows[:, None].float(), rows)][start:]), writer, max_tokens=95)
+    store = ActivationStore(tmp_path / "store")
+    shards = [chunk.token_ids[0].item() // 10 for chunk in store.iter_chunks(0, Part(1, 3))]
+    assert shards == [1, 4, 7] and [c.token_ids[0].item() // 10 for c in store.iter_chunks(1, Part(1, 3))] == [4, 7]
+    model, corpus = tiny_checkpoint_with_text
+    params = _params(model, corpus, tmp_path)
+    lm = load_language_model(params.model)
+    live = LiveActivations(
+        lm, resolve_hooks(lm.config, params.hook), lambda: training_windows(params.data, lm.tokenizer), 4
+    )
+    whole = [chunk_set for _, chunk_set in zip(range(7), live.iter_chunk_sets(0), strict=False)]
+    forwards = []
+    run_batch = live.chunk_set_of
+    monkeypatch.setattr(live, "chunk_set_of", lambda input_ids: forwards.append(1) or run_batch(input_ids))
+    part = [chunk_set for _, chunk_set in zip(range(2), live.iter_chunk_sets(1, Part(1, 2)), strict=False)]
+    assert len(forwards) == 2  # batches 3 and 5 of rank 1 of 2, from its batch 1 on: no forward for the others
+    for mine, batch in zip(part, (3, 5), strict=True):
+        for name, chunk in mine.items():
+            torch.testing.assert_close(chunk.acts, whole[batch][name].acts, rtol=0, atol=0)
 
 
 # --- one-line refusals (no process group needed) ---
