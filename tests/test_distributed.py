@@ -198,11 +198,14 @@ def _pipeline_worker(distributed: Distributed, model, corpus, out_dir) -> None:
         "dead_tokens": 256,
         "l1_coefficient": 100.0,
     }
-    for name, lr, sae in [("topk", None, {}), ("relu", 0.03, relu)]:
+    batchtopk = {"architecture": "batchtopk", "k": 4, "threshold_start_fraction": 0.0}  # threshold from step 0
+    for name, lr, sae in [("topk", None, {}), ("relu", 0.03, relu), ("batchtopk", None, batchtopk)]:
         params = _params(model, corpus, out_dir, lr, **sae)
         digests: list[str] = []
         whole = _train(distributed, params, lm, out_dir / name / "whole", digests=digests)
         result[name] = {"digests": digests, "steps": whole.trainer.step, "sae": whole.sae.state_dict()}
+        if name == "batchtopk":
+            continue
         if name == "relu":
             result[name]["resampled"] = [r.get("resampled") for r in whole.trainer.metrics if "resampled" in r]
             continue
@@ -225,12 +228,14 @@ def test_two_ranks_agree_every_step_resume_exactly_and_reach_one_process_fvu(tmp
     model, corpus = tiny_checkpoint_with_text
     spawn(_pipeline_worker, model, corpus, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
-    for name in ("topk", "relu"):
-        # (1) Every rank holds the same weights, Adam state and counters after initialisation and every step.
+    for name in ("topk", "relu", "batchtopk"):
+        # (1) Every rank holds the same weights, Adam state, counters (and BatchTopK's running threshold, in the
+        # SAE's state) after initialisation and every step.
         assert len(ranks[0][name]["digests"]) == ranks[0][name]["steps"] + 1 > 10
         assert ranks[0][name]["digests"] == ranks[1][name]["digests"], name
     # Resampling ran (rank 0's draw, broadcast) and every rank still agreed afterwards (checked above).
     assert max(ranks[0]["relu"]["resampled"]) > 0
+    assert ranks[0]["batchtopk"]["sae"]["threshold"] > 0
     # (3) Stopped after its step-2 checkpoint at step 3 and resumed: bitwise the uninterrupted 2-process run.
     for key, value in ranks[0]["topk"]["sae"].items():
         for rank in ranks:
