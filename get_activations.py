@@ -6,6 +6,7 @@ python get_activations.py [--params params.json] [--tokens N] [--out FOLDER] [--
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -33,6 +34,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     threads_from_env()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would write the same store; a sharded harvest across processes is not built yet.
+        raise UserError(
+            "get_activations.py harvests in one process; run it without torchrun (training_script.py takes torchrun)"
+        )
     params, lm, hooks = prepare_hooks(args.params)
     if len(hooks) > 1 and (args.out or "{hook}" not in params.store.path):
         raise UserError(

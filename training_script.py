@@ -2,9 +2,12 @@
 at each of several hooks (a list or a pattern), or every ``sweep`` variant at every hook, all from one forward.
 
     python training_script.py [--params params.json] [--resume | --overwrite | --if-missing]
+    torchrun --nproc_per_node N training_script.py ...   (data-parallel, or whole runs per process: train.distribute)
 
 Writes dictionaries/<model>/<hook>/<run>/: ae.pt, config.json, metrics.jsonl, eval.json, plots; several runs
-also write dictionaries/<model>/sweeps/<name>/: sweep.json and sweep.png (L0 against FVU).
+also write dictionaries/<model>/sweeps/<name>/: sweep.json and sweep.png (L0 against FVU). Under torchrun rank 0
+takes the locks, writes, prints and evaluates (the others stop when training ends); with train.distribute
+'modules' each rank writes and evaluates its own runs.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dictlearn.activations.source import training_buffers
-from dictlearn.cli import argument_parser, keep_freed_memory, prepare_hooks, threads_from_env
+from dictlearn.cli import argument_parser, keep_freed_memory, only_first_rank_prints, prepare_hooks, threads_from_env
 from dictlearn.errors import UserError, run_script
 from dictlearn.evaluation.evaluate import evaluate_dictionary
 from dictlearn.files import check_output_folder, make_folder, read_json, write_json
 from dictlearn.formats.run_folder import AE_FILE, CHECKPOINT_FILE, EVAL_FILE, claim_run_folder, save_dictionary
 from dictlearn.locks import output_lock
+from dictlearn.params import load_params
 from dictlearn.report.common import (
     evaluation_rows,
     plot_density_histogram,
@@ -30,7 +34,17 @@ from dictlearn.report.common import (
     print_table,
 )
 from dictlearn.report.tracking import NoTracking, start_tracking
-from dictlearn.training.runs import BUFFERS_FILE, Training, plan_runs, set_up, start_in_step, train_in_step
+from dictlearn.training.distributed import Distributed
+from dictlearn.training.runs import (
+    BUFFERS_FILE,
+    Training,
+    check_module_layout,
+    module_folder,
+    plan_runs,
+    set_up,
+    start_in_step,
+    train_in_step,
+)
 from dictlearn.training.trainer import Trainer
 
 
@@ -48,6 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     threads_from_env()
     keep_freed_memory()
+    distributed = Distributed.from_env(load_params(args.params).model.device)
+    only_first_rank_prints(distributed)
     params, lm, hooks = prepare_hooks(args.params, needs_text=True)
     runs = plan_runs(params, lm.config, lm.short_name, hooks, args.params)
     for run in runs:
@@ -57,38 +73,64 @@ def main() -> None:
         if args.if_missing and (folder / AE_FILE).is_file():
             print(f"{folder} already holds a trained dictionary; python training_script.py --overwrite trains it again")
             return
-        buffer = training_buffers(params, lm, [runs[0].hooks])[0]  # a missing store is refused first
-        with output_lock(folder, "run folder"):
-            claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite)
-            train(params, lm, runs[0], buffer, resume=args.resume, init_from=args.init_from)
+        buffer = training_buffers(params, lm, [runs[0].hooks], distributed.part)[0]  # a missing store is refused first
+        with ExitStack() as locks:
+
+            def claim() -> None:
+                locks.enter_context(output_lock(folder, "run folder"))
+                claim_run_folder(folder, resume=args.resume, overwrite=args.overwrite)
+
+            distributed.on_first(claim)
+            train(params, lm, runs[0], buffer, resume=args.resume, init_from=args.init_from, distributed=distributed)
+        distributed.close()
         return
     if args.init_from:
         raise UserError(f"--init-from starts one run; these params plan {len(runs)} (several hooks or a sweep)")
     sweep_folder = (
         Path(params.train.output_dir) / lm.short_name / "sweeps" / (params.sweep.name if params.sweep else "hooks")
     )
+    modules = params.train.distribute == "modules" and distributed.world_size > 1
     with ExitStack() as locks:
-        locks.enter_context(output_lock(make_folder(sweep_folder, "sweep folder"), "sweep folder"))
-        for run in runs:
-            locks.enter_context(output_lock(run.folder, "run folder"))
-        finished = [
-            run for run in runs if (run.folder / AE_FILE).is_file() and not (run.folder / CHECKPOINT_FILE).is_file()
-        ]
-        skip = finished if (args.resume or args.if_missing) else []
-        pending = [run for run in runs if run not in skip]
-        for run in pending:
-            claim_run_folder(run.folder, resume=args.resume, overwrite=args.overwrite)
-        if not args.resume:
-            (sweep_folder / BUFFERS_FILE).unlink(missing_ok=True)
-        if skip:
-            print(f"{len(skip)} of {len(runs)} runs already hold a dictionary and are left as they are")
-        if pending:
-            sweep(params, lm, pending, sweep_folder, resume=args.resume)
-        summarise(runs, sweep_folder)
+
+        def claim() -> list[int]:
+            """Lock and claim the pending runs' folders; their indices (the same list on every rank)."""
+            locks.enter_context(output_lock(make_folder(sweep_folder, "sweep folder"), "sweep folder"))
+            for run in runs:
+                locks.enter_context(output_lock(run.folder, "run folder"))
+            finished = [
+                run for run in runs if (run.folder / AE_FILE).is_file() and not (run.folder / CHECKPOINT_FILE).is_file()
+            ]
+            skip = finished if (args.resume or args.if_missing) else []
+            pending = [index for index, run in enumerate(runs) if run not in skip]
+            for index in pending:
+                claim_run_folder(runs[index].folder, resume=args.resume, overwrite=args.overwrite)
+            if not args.resume:
+                for path in sweep_folder.glob(f"**/{BUFFERS_FILE}"):
+                    path.unlink()
+            elif modules:
+                check_module_layout(sweep_folder, distributed.world_size)
+            if skip:
+                print(f"{len(skip)} of {len(runs)} runs already hold a dictionary and are left as they are")
+            return pending
+
+        pending = [runs[index] for index in distributed.on_first(claim)]
+        if modules:
+            # sparsify's --distribute_modules: whole runs per rank, each on every batch of all the data.
+            mine = pending[distributed.rank :: distributed.world_size]
+            print(f"train.distribute 'modules': {len(pending)} runs over {distributed.world_size} processes")
+            if mine:
+                # Each rank's shared buffers are checkpointed in a folder of its own.
+                sweep(params, lm, mine, module_folder(sweep_folder, distributed), resume=args.resume)
+            distributed.wait_for_all()  # every rank's eval.json is written before the summary reads them
+        elif pending:
+            sweep(params, lm, pending, sweep_folder, resume=args.resume, distributed=distributed)
+        if distributed.is_first:
+            summarise(runs, sweep_folder)
+    distributed.close()
 
 
-def train(params, lm, run, buffer, *, resume: bool, init_from: str | None) -> None:
-    training = set_up(run, lm, buffer, init_from=init_from)
+def train(params, lm, run, buffer, *, resume: bool, init_from: str | None, distributed: Distributed) -> None:
+    training = set_up(run, lm, buffer, init_from=init_from, distributed=distributed)
     trainer = training.trainer
     if resume and trainer.checkpoint_path.is_file():
         for note in trainer.load_checkpoint():
@@ -98,10 +140,11 @@ def train(params, lm, run, buffer, *, resume: bool, init_from: str | None) -> No
         if resume:
             print(trainer.progress_without_checkpoint())
         trainer.initialize(keep_weights=init_from is not None)
-    print(describe(training))
-    tracker = start_tracking(params, run.folder)
+    print(describe(training, distributed))
+    tracker = start_tracking(params, run.folder) if distributed.is_first else NoTracking()
     start, start_tokens = time.perf_counter(), trainer.tokens
-    with tqdm(total=trainer.total_steps * params.buffer.batch_size, initial=trainer.tokens, unit="tok") as bar:
+    total = trainer.total_steps * params.buffer.batch_size
+    with tqdm(total=total, initial=trainer.tokens, unit="tok", disable=not distributed.is_first) as bar:
 
         def show(trainer: Trainer, record: dict) -> None:
             tracker.log(record, step=trainer.step)
@@ -111,25 +154,31 @@ def train(params, lm, run, buffer, *, resume: bool, init_from: str | None) -> No
             )
 
         trainer.fit(on_step=show)
-    finish(training, lm, (trainer.tokens - start_tokens) / (time.perf_counter() - start), tracker)
+    if distributed.is_first:  # evaluation on rank 0 alone; the other ranks are done
+        finish(training, lm, (trainer.tokens - start_tokens) / (time.perf_counter() - start), tracker)
 
 
-def sweep(params, lm, runs, sweep_folder: Path, *, resume: bool) -> None:
+def sweep(params, lm, runs, sweep_folder: Path, *, resume: bool, distributed: Distributed | None = None) -> None:
+    """Train ``runs`` in step; with ``distributed``, data-parallel over its ranks (rank 0 saves and evaluates)."""
+    distributed = distributed or Distributed()
+    make_folder(sweep_folder, "sweep folder")
     groups = list(dict.fromkeys(tuple(hook.name for hook in run.hooks) for run in runs))
     hooks_of = {tuple(hook.name for hook in run.hooks): run.hooks for run in runs}
-    buffers = training_buffers(params, lm, [hooks_of[group] for group in groups])
+    buffers = training_buffers(params, lm, [hooks_of[group] for group in groups], distributed.part)
     buffer_of = [groups.index(tuple(hook.name for hook in run.hooks)) for run in runs]
-    trainings = [set_up(run, lm, buffers[index]) for run, index in zip(runs, buffer_of, strict=True)]
+    trainings = [
+        set_up(run, lm, buffers[index], distributed=distributed) for run, index in zip(runs, buffer_of, strict=True)
+    ]
     for note in start_in_step(trainings, buffers, sweep_folder, resume):
         print(note)
     if params.train.wandb is not None:
         print("note: train.wandb is not used when several runs train together")
     print(f"training {len(trainings)} SAEs on {len(groups)} buffers from one forward per batch:")
     for training in trainings:
-        print(f"  {describe(training)}")
+        print(f"  {describe(training, distributed)}")
     first = trainings[0].trainer
     start, start_tokens = time.perf_counter(), first.tokens
-    with tqdm(total=first.total_steps, initial=first.step, unit="step") as bar:
+    with tqdm(total=first.total_steps, initial=first.step, unit="step", disable=not distributed.is_first) as bar:
 
         def show(training: Training, record: dict) -> None:
             if training is trainings[-1]:
@@ -137,16 +186,26 @@ def sweep(params, lm, runs, sweep_folder: Path, *, resume: bool) -> None:
 
         train_in_step(trainings, buffers, buffer_of, sweep_folder, on_step=show)
     tokens_per_s = (first.tokens - start_tokens) / (time.perf_counter() - start)
+    if not distributed.is_first:
+        return
     for training in trainings:
         finish(training, lm, tokens_per_s, NoTracking())
     (sweep_folder / BUFFERS_FILE).unlink(missing_ok=True)
 
 
-def describe(training: Training) -> str:
+def describe(training: Training, distributed: Distributed) -> str:
     run, sae = training.run, training.sae
     reads = f"{run.hook.name} -> {run.target_hook.name}" if run.target_hook else run.hook.name
     kind = "transcoder" if run.target_hook else "SAE"
-    return f"a {run.params.sae.architecture} {kind}, {sae.num_latents} latents, on {run.params.model.name} {reads} -> {run.folder}"
+    processes = (
+        f" ({distributed.world_size} processes, {training.trainer.buffer.batch_size} rows each a step)"
+        if distributed.world_size > 1
+        else ""
+    )
+    return (
+        f"a {run.params.sae.architecture} {kind}, {sae.num_latents} latents, on {run.params.model.name} {reads} -> "
+        f"{run.folder}{processes}"
+    )
 
 
 def finish(training: Training, lm, tokens_per_s: float, tracker) -> None:

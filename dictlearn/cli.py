@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 from dictlearn.activations.store import store_folder
@@ -46,6 +47,13 @@ def threads_from_env() -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+def only_first_rank_prints(distributed) -> None:
+    """Under torchrun, ranks other than 0 send their stdout to /dev/null: N copies of every line say nothing more
+    (their errors, on stderr, still show). Progress bars take ``disable=not distributed.is_first``."""
+    if not distributed.is_first:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 # glibc mallopt parameters (malloc.h).

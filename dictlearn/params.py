@@ -300,6 +300,14 @@ class TrainParams(Section):
     wandb: WandbParams | None = Field(
         None, description="Log training metrics to Weights & Biases (needs `pip install wandb`); null: off."
     )
+    distribute: Literal["data", "modules"] = Field(
+        "data",
+        description="Under torchrun --nproc_per_node N: 'data' splits every batch over the N processes (each "
+        "trains every run on buffer.batch_size / N rows of its own part of the data, gradients averaged); "
+        "'modules' places whole runs on processes instead (rank r trains runs r, r + N, ... on full batches, every "
+        "rank reading all the data: sparsify's --distribute_modules), for a sweep or several hooks. Ignored in "
+        "one process.",
+    )
 
 
 class SweepVariant(Section):

@@ -26,6 +26,21 @@ class ActivationChunk(NamedTuple):
     token_ids: torch.Tensor  # (N,) int64
 
 
+class Part(NamedTuple):
+    """The part of a chunk stream one of ``count`` data-parallel ranks reads: chunks ``index``, ``index + count``,
+    ``index + 2 * count``, ... (model batches of a live source, shards of a store), so the ranks read disjoint
+    data and together all of it. The part's chunk ``i`` is the stream's chunk ``index + i * count``."""
+
+    index: int = 0
+    count: int = 1
+
+    def chunk(self, i: int) -> int:
+        return self.index + i * self.count
+
+
+WHOLE = Part()
+
+
 def batched(iterable, size: int) -> Iterator[list]:
     iterator = iter(iterable)
     while batch := list(islice(iterator, size)):
@@ -107,12 +122,13 @@ class LiveActivations:
             for hook in self.hooks
         }
 
-    def iter_chunk_sets(self, start: int = 0) -> Iterator[dict[str, ActivationChunk]]:
-        """Yield a chunk per hook for every batch from batch ``start`` on (earlier batches are skipped without a
-        forward)."""
+    def iter_chunk_sets(self, start: int = 0, part: Part = WHOLE) -> Iterator[dict[str, ActivationChunk]]:
+        """Yield a chunk per hook for every batch of ``part`` from its batch ``start`` on (earlier batches, and
+        the other parts' batches, are tokenised but never run through the model)."""
         batches = (torch.tensor(batch, dtype=torch.long) for batch in batched(self.windows(), self.model_batch_size))
+        first = part.chunk(start)
         for index, input_ids in enumerate(prefetched(batches)):
-            if index >= start:
+            if index >= first and (index - part.index) % part.count == 0:
                 yield self.chunk_set_of(input_ids)
 
     def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:

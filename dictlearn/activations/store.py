@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dictlearn.activations.harvest import ActivationChunk
+from dictlearn.activations.harvest import WHOLE, ActivationChunk, Part
 from dictlearn.errors import UserError
 from dictlearn.files import atomic_write, make_folder, read_json, read_safetensors, write_json
 
@@ -218,9 +218,9 @@ class ActivationStore:
         """True when this store was harvested the way ``identity`` says, with at least ``tokens`` rows."""
         return self.meta.get("identity") == identity and len(self) >= tokens
 
-    def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
-        """Shards from number ``start`` on, one chunk each."""
-        for shard in self.meta["shards"][start:]:
+    def iter_chunks(self, start: int = 0, part: Part = WHOLE) -> Iterator[ActivationChunk]:
+        """The shards of ``part`` from its shard ``start`` on, one chunk each (the other parts' are not read)."""
+        for shard in self.meta["shards"][part.chunk(start) :: part.count]:
             tensors = read_safetensors(self.path / shard["file"], "activation store shard", ("acts", "token_ids"))
             yield ActivationChunk(tensors["acts"], tensors["token_ids"].long())
 

@@ -52,6 +52,25 @@ class LossOutput(NamedTuple):
     """The batch's codes (detached), for the trainer's dead-latent counters."""
 
 
+class Ranks:
+    """The processes a data-parallel batch is split over, as a loss sees them: ``world_size`` ranks, each with an
+    equal share of the global batch, and ``sum``/``min`` over them (all-reduces of detached statistics). This
+    class is one process (both the identity); ``dictlearn.training.distributed.Distributed`` is several."""
+
+    world_size: int = 1
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks (a new tensor; detached)."""
+        return tensor
+
+    def min(self, tensor: Tensor) -> Tensor:
+        """``tensor``'s elementwise minimum over the ranks (a new tensor; detached)."""
+        return tensor
+
+
+ONE_PROCESS = Ranks()
+
+
 @dataclass
 class StepContext:
     """What the trainer tells an objective about the step it is computing."""
@@ -60,6 +79,9 @@ class StepContext:
     total_steps: int
     dead_mask_F: Tensor
     """bool (F,): latents that have not fired for ``sae.dead_tokens`` tokens (the trainer owns the counters)."""
+
+    ranks: Ranks = ONE_PROCESS
+    """The ranks this batch is one share of (data-parallel training); one process by default."""
 
 
 @dataclass

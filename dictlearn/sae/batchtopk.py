@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dictlearn.sae.base import SparseCodes, StepContext
+from dictlearn.sae.base import ONE_PROCESS, Ranks, SparseCodes, StepContext
 from dictlearn.sae.kernels import Selection, top_k_indices
 from dictlearn.sae.losses import fvu
 from dictlearn.sae.topk import TopKFamilySAE, TopKObjective
@@ -125,19 +125,23 @@ class BatchTopKObjective(TopKObjective):
         x_hat_BD = sae.decode_without_bias(codes.values, selection) + sae.b_dec
         if sae.W_skip is not None:
             x_hat_BD = x_hat_BD + x_BD @ sae.W_skip.T
-        fvu_loss = fvu(y_BD, x_hat_BD)
+        fvu_loss = fvu(y_BD, x_hat_BD, ctx.ranks)
         return codes, x_hat_BD, fvu_loss, {"fvu": fvu_loss}
 
-    def update_threshold_(self, sae: BatchTopKSAE, codes: SparseCodes) -> None:
+    def update_threshold_(self, sae: BatchTopKSAE, codes: SparseCodes, ranks: Ranks = ONE_PROCESS) -> None:
         """``TopKObjective``'s schedule with the batch rule (``update_threshold_`` below)."""
-        update_threshold_(sae.threshold, codes.values, self.threshold_beta)
+        update_threshold_(sae.threshold, codes.values, self.threshold_beta, ranks)
 
 
 @torch.no_grad()
-def update_threshold_(threshold: Tensor, values_BK: Tensor, beta: float) -> None:
+def update_threshold_(threshold: Tensor, values_BK: Tensor, beta: float, ranks: Ranks = ONE_PROCESS) -> None:
     """The running threshold (0-d, negative while unset) moved towards the smallest positive kept activation
-    (0 when none is positive), as dictionary_learning ``BatchTopKTrainer.update_threshold``; no host sync."""
+    (0 when none is positive), as dictionary_learning ``BatchTopKTrainer.update_threshold``; no host sync.
+
+    Under several ``ranks`` each rank's batch top-k ran over its own rows (its ``k * B / N`` largest: a
+    per-device batch, as in dictionary_learning or sparsify run data-parallel), and the smallest kept value
+    is the minimum over every rank's, so every rank holds the same threshold."""
     positive = values_BK > 0
-    smallest = torch.where(positive, values_BK, torch.inf).amin()
-    smallest = torch.where(positive.any(), smallest, 0.0).to(threshold.dtype)
+    smallest = ranks.min(torch.where(positive, values_BK, torch.inf).amin())
+    smallest = torch.where(smallest.isfinite(), smallest, 0.0).to(threshold.dtype)
     threshold.copy_(torch.where(threshold < 0, smallest, beta * threshold + (1 - beta) * smallest))

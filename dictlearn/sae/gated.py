@@ -104,7 +104,7 @@ class GatedObjective(Objective):
         auxiliary = frozen_decoder_loss(y_BD, gate_acts_BF, sae.W_dec, sae.b_dec)
         coefficient = self.l1_coefficient * penalty_warmup(ctx.step, self.total_steps, self.l1_warmup_fraction)
         terms = {
-            "fvu": fvu(y_BD, x_hat_BD).detach(),
+            "fvu": fvu(y_BD, x_hat_BD, ctx.ranks).detach(),
             "mse": reconstruction.detach(),
             "l1": sparsity.detach(),
             "aux_loss": auxiliary.detach(),

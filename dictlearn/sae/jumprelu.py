@@ -163,7 +163,7 @@ class JumpReLUObjective(Objective):
         loss = mse + self.l0_coefficient_at(ctx.step) * l0
         codes = dense_to_codes(acts_BF.detach(), pre_acts_BF.detach())
         return LossOutput(
-            loss, {"fvu": fvu(y_BD, x_hat_BD.detach()), "mse": mse.detach(), "l0_loss": l0.detach()}, codes
+            loss, {"fvu": fvu(y_BD, x_hat_BD.detach(), ctx.ranks), "mse": mse.detach(), "l0_loss": l0.detach()}, codes
         )
 
     def before_optimizer_step(self, sae: JumpReLUSAE) -> None:

@@ -12,17 +12,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dictlearn.sae.base import ONE_PROCESS, Ranks
 from dictlearn.sae.kernels import Selection, top_k_indices
 
 if TYPE_CHECKING:
     from dictlearn.sae.topk import TopKFamilySAE
 
 
-def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+def centred_sum_of_squares(x_BD: Tensor, ranks: Ranks = ONE_PROCESS) -> Tensor:
+    """``sum((x - mean(x))^2)`` over the batch (detached): FVU's and AuxK's normaliser.
+
+    With ``ranks`` over several processes it is the global batch's (every rank's rows, around their common mean)
+    divided by the world size. A loss ``sse_rank / that`` is then N times this rank's share of the global FVU,
+    and the average over ranks of those losses, and of their gradients (the trainer averages gradients), is the
+    global batch's FVU and its gradient: the same normaliser a single process would use on the whole batch
+    (equal up to float rounding: the sums are added in another order). Two all-reduces of D + 1 numbers."""
+    if ranks.world_size == 1:
+        return (x_BD - x_BD.mean(0)).pow(2).sum()
+    x_BD = x_BD.detach()
+    sums_D1 = ranks.sum(torch.cat([x_BD.sum(0), x_BD.new_tensor([len(x_BD)])]))
+    mean_D = sums_D1[:-1] / sums_D1[-1]
+    return ranks.sum((x_BD - mean_D).pow(2).sum()) / ranks.world_size
+
+
+def fvu(x_BD: Tensor, x_hat_BD: Tensor, ranks: Ranks = ONE_PROCESS) -> Tensor:
     """Fraction of variance unexplained: summed squared error over the summed squared deviation of x from its
     batch mean. This is Gao et al. 2024's normalised MSE (§2.1) and EleutherAI/sparsify's ``fvu``; a scalar
-    tensor, differentiable in ``x_hat_BD``."""
-    return F.mse_loss(x_hat_BD, x_BD, reduction="sum") / (x_BD - x_BD.mean(0)).pow(2).sum()
+    tensor, differentiable in ``x_hat_BD``. Under several ``ranks`` the batch is the global one
+    (``centred_sum_of_squares``): the ranks' average is the global FVU."""
+    return F.mse_loss(x_hat_BD, x_BD, reduction="sum") / centred_sum_of_squares(x_BD, ranks)
 
 
 def auxk_loss(
@@ -33,6 +51,7 @@ def auxk_loss(
     pre_acts_BF: Tensor,
     dead_mask_F: Tensor,
     aux_k: int,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Tensor:
     """AuxK loss (Gao et al. 2024 §A.2): how well the dead latents model the main reconstruction's residual.
 
@@ -47,6 +66,9 @@ def auxk_loss(
             al. call a latent dead when it has not fired in 10M tokens).
         aux_k: how many dead latents each row may use (a power of two near d_in / 2 in Gao et al. 2024 §A.2;
             openai/sparse_autoencoder's train.py default is 256).
+        ranks: the ranks this batch is a share of; the residual's variance is then the global batch's
+            (``centred_sum_of_squares``), so the ranks' average is the single-process AuxK. The dead mask is
+            the same on every rank (the trainer combines the counters), so every rank takes the same branch.
 
     Returns:
         A scalar tensor: ``||e - e_hat||^2 / sum((e - mean(e))^2)`` with ``e = y - x_hat`` and ``e_hat`` the
@@ -67,7 +89,7 @@ def auxk_loss(
     aux_acts_BK = F.relu(sae.gather(x_BD, pre_acts_BF, selection))
     e_BD = (y_BD - x_hat_BD).detach()
     e_hat_BD = sae.decode_without_bias(aux_acts_BK, selection)
-    return F.mse_loss(e_hat_BD, e_BD, reduction="sum") / (e_BD - e_BD.mean(0)).pow(2).sum()
+    return F.mse_loss(e_hat_BD, e_BD, reduction="sum") / centred_sum_of_squares(e_BD, ranks)
 
 
 # --- L1 family (ReLU and gated SAEs) ---

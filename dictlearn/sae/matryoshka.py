@@ -81,7 +81,7 @@ class MatryoshkaObjective(BatchTopKObjective):
         for group, weight in enumerate(self.group_weights):
             # Each group's part of the decode shares the selection's sparse backward pattern.
             x_hat_BD = x_hat_BD + sae.decode_without_bias(codes.values * (group_BK == group), selection)
-            group_fvu = fvu(y_BD, x_hat_BD)
+            group_fvu = fvu(y_BD, x_hat_BD, ctx.ranks)
             loss = loss + weight * group_fvu
             terms[f"fvu_prefix_{group}"] = group_fvu
         terms["fvu"] = group_fvu

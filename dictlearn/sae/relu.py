@@ -143,7 +143,7 @@ class ReLUObjective(Objective):
         penalty = l1_penalty(acts_BF, decoder_norms_F)
         coefficient = self.coefficient(ctx.step)
         terms = {
-            "fvu": fvu(y_BD, x_hat_BD).detach(),
+            "fvu": fvu(y_BD, x_hat_BD, ctx.ranks).detach(),
             "mse": mse.detach(),
             "l1": penalty.detach(),
             "l1_coefficient": torch.tensor(coefficient),

@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dictlearn.errors import UserError
-from dictlearn.sae.base import LossOutput, Objective, SparseAutoencoder, SparseCodes, StepContext, random_unit_rows
+from dictlearn.sae.base import (
+    ONE_PROCESS,
+    LossOutput,
+    Objective,
+    Ranks,
+    SparseAutoencoder,
+    SparseCodes,
+    StepContext,
+    random_unit_rows,
+)
 from dictlearn.sae.kernels import Selection, gather_pre_acts, sparse_decode, top_k_indices
 from dictlearn.sae.losses import auxk_loss, fvu
 
@@ -288,12 +297,12 @@ class TopKObjective(Objective):
         if sae.W_skip is not None:
             x_hat_BD = x_hat_BD + x_BD @ sae.W_skip.T
         codes = SparseCodes(values_BK, selection.indices_BK, pre_acts_BF)
-        fvu_loss = fvu(y_BD, x_hat_BD)
+        fvu_loss = fvu(y_BD, x_hat_BD, ctx.ranks)
         return codes, x_hat_BD, fvu_loss, {"fvu": fvu_loss}
 
     def loss(self, sae: TopKFamilySAE, x_BD: Tensor, y_BD: Tensor, ctx: StepContext) -> LossOutput:
         codes, x_hat_BD, reconstruction_loss, terms = self.reconstruction(sae, x_BD, y_BD, ctx)
-        aux = auxk_loss(sae, x_BD, y_BD, x_hat_BD, codes.pre_acts, ctx.dead_mask_F, self.aux_k)
+        aux = auxk_loss(sae, x_BD, y_BD, x_hat_BD, codes.pre_acts, ctx.dead_mask_F, self.aux_k, ctx.ranks)
         loss = reconstruction_loss + self.aux_coef * aux
         terms = {**terms, "auxk_loss": aux}
         codes = SparseCodes(codes.values.detach(), codes.indices, codes.pre_acts)
@@ -305,25 +314,28 @@ class TopKObjective(Objective):
     def after_optimizer_step(self, sae: TopKFamilySAE, out: LossOutput, ctx: StepContext) -> None:
         sae.set_decoder_norm_to_unit_norm_()
         if ctx.step >= self.threshold_start_step:
-            self.update_threshold_(sae, out.codes)
+            self.update_threshold_(sae, out.codes, ctx.ranks)
 
-    def update_threshold_(self, sae: TopKFamilySAE, codes: SparseCodes) -> None:
+    def update_threshold_(self, sae: TopKFamilySAE, codes: SparseCodes, ranks: Ranks = ONE_PROCESS) -> None:
         """dictionary_learning ``TopKTrainer.update_threshold``: the mean over rows of each row's smallest
         positive kept activation, folded into ``sae.threshold`` with weight ``1 - threshold_beta`` (taken as it
-        is while the threshold is unset). Rows with no positive activation are left out."""
-        update_running_threshold_(sae.threshold, row_min_mean(codes.values), self.threshold_beta)
+        is while the threshold is unset). Rows with no positive activation are left out. Under several
+        ``ranks`` the mean is over the global batch's rows, so every rank holds the same threshold."""
+        update_running_threshold_(sae.threshold, row_min_mean(codes.values, ranks), self.threshold_beta)
 
     def initialize_(self, sae: TopKFamilySAE, x_SD: Tensor, y_SD: Tensor) -> None:
         sae.init_b_dec_(y_SD)
 
 
-def row_min_mean(values_BK: Tensor) -> Tensor:
-    """0-d: the mean over rows of each row's smallest positive value (rows with none left out; 0 if no row has
-    one)."""
+def row_min_mean(values_BK: Tensor, ranks: Ranks = ONE_PROCESS) -> Tensor:
+    """0-d: the mean over rows (of every rank's batch) of each row's smallest positive value (rows with none
+    left out; 0 if no row has one)."""
     positive_BK = values_BK > 0
     row_min_B = torch.where(positive_BK, values_BK, torch.inf).amin(1)
     has_B = positive_BK.any(1)
-    return torch.where(has_B, row_min_B, 0.0).sum() / has_B.sum().clamp_min(1)
+    # Reduced in float64 (exact for the count and for a float32 or bf16 sum), divided as one process would.
+    total, count = ranks.sum(torch.stack([torch.where(has_B, row_min_B, 0.0).sum().double(), has_B.sum().double()]))
+    return total.to(values_BK.dtype) / count.long().clamp_min(1)
 
 
 @torch.no_grad()

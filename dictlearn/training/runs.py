@@ -23,7 +23,8 @@ from dictlearn.lm.models import HookPoint, LanguageModel, hook_width, resolve_ho
 from dictlearn.params import Params, run_params
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.registry import architecture, build_objective, build_sae
-from dictlearn.training.trainer import Trainer
+from dictlearn.training.distributed import Distributed
+from dictlearn.training.trainer import Trainer, check_world_size
 
 BUFFERS_FILE = "buffers.pt"  # the sweep's shared buffers at the runs' last checkpoint
 
@@ -83,9 +84,15 @@ class Training:
     config: dict
 
 
-def set_up(run: Run, lm: LanguageModel, buffer: ShuffledBuffer, init_from: str | None = None) -> Training:
+def set_up(
+    run: Run,
+    lm: LanguageModel,
+    buffer: ShuffledBuffer,
+    init_from: str | None = None,
+    distributed: Distributed | None = None,
+) -> Training:
     """The run's SAE (seeded from ``train.seed``, as a separate run's, or ``init_from``'s weights), objective,
-    trainer and config."""
+    trainer and config; with ``distributed``, trained data-parallel over its ranks."""
     params = run.params
     d_in = hook_width(lm.config, run.hook)
     d_out = hook_width(lm.config, run.target_hook) if run.target_hook is not None else None
@@ -98,7 +105,9 @@ def set_up(run: Run, lm: LanguageModel, buffer: ShuffledBuffer, init_from: str |
     total_steps = max(1, params.train.tokens // params.buffer.batch_size)
     objective = build_objective(params.sae, sae, total_steps)
     lr = params.train.lr or architecture(params.sae.architecture).default_lr(num_latents)
-    trainer = Trainer(sae, objective, buffer, params, run.folder, lr, paired=run.target_hook is not None)
+    trainer = Trainer(
+        sae, objective, buffer, params, run.folder, lr, paired=run.target_hook is not None, distributed=distributed
+    )
     config = dictionary_config(
         params,
         sae,
@@ -139,6 +148,8 @@ def start_in_step(
     checkpoints = [t.trainer.checkpoint_path.is_file() for t in trainings]
     if resume and state_path.is_file() and all(checkpoints):
         state = read_torch(state_path, "sweep checkpoint")
+        distributed = trainings[0].trainer.distributed
+        check_world_size(state_path, state.get("world_size", 1), distributed.world_size)
         notes = []
         for training in trainings:
             notes += training.trainer.load_checkpoint()
@@ -148,7 +159,9 @@ def start_in_step(
                 f"{state_path} is at step {state['step']} but the runs' checkpoints are at steps "
                 f"{sorted(steps)} (the sweep was killed while checkpointing); start over with --overwrite"
             )
-        for buffer, buffer_state in zip(buffers, state["buffers"], strict=True):
+        # Sweep checkpoints written before data-parallel training hold one rank's buffers as "buffers".
+        mine = state["ranks"][distributed.rank] if "ranks" in state else state["buffers"]
+        for buffer, buffer_state in zip(buffers, mine, strict=True):
             buffer.load_state_dict(buffer_state)
         return [*dict.fromkeys(notes), f"resuming {len(trainings)} runs at step {state['step']}"]
     notes = ["note: nothing to resume in the sweep; starting over"] if resume else []
@@ -165,18 +178,44 @@ def train_in_step(
     on_step: Callable[[Training, dict], None] = lambda training, record: None,
 ) -> None:
     """Train every run on its buffer's batches, all buffers read once per step (``buffer_of[i]`` is run i's);
-    checkpoint every run (without its buffer) and then the buffers, every ``train.checkpoint_every`` steps."""
+    checkpoint every run (without its buffer) and then the buffers, every ``train.checkpoint_every`` steps.
+    Under several ranks (the trainers' ``Distributed``) rank 0 writes every rank's buffers."""
     first = trainings[0].trainer
+    distributed = first.distributed
     for training in trainings:
         training.trainer.write_metrics()
     while first.step < first.total_steps:
         batches = [buffer.next_batch() for buffer in buffers]
-        if any(batch is None for batch in batches):
+        shortest = None if any(batch is None for batch in batches) else min(batches, key=len)
+        if not distributed.every_rank_has(shortest, buffers[0].batch_size):
             break
         for training, index in zip(trainings, buffer_of, strict=True):
             on_step(training, training.trainer.train_on(batches[index]))
         if first.step % first.params.train.checkpoint_every == 0 and all(t.trainer.bad_steps == 0 for t in trainings):
             for training in trainings:
                 training.trainer.save_checkpoint(with_buffer=False)
-            state = {"step": first.step, "buffers": [buffer.state_dict() for buffer in buffers]}
-            torch_save(sweep_folder / BUFFERS_FILE, state)
+            ranks = distributed.gather([buffer.state_dict() for buffer in buffers])
+            if distributed.is_first:
+                state = {"step": first.step, "world_size": distributed.world_size, "ranks": ranks}
+                torch_save(sweep_folder / BUFFERS_FILE, state)
+
+
+def module_folder(sweep_folder: Path, distributed: Distributed) -> Path:
+    """Where a rank's shared buffers are checkpointed under ``train.distribute`` 'modules' (rank r trains runs r,
+    r + N, ... as a sweep of its own)."""
+    return sweep_folder / f"rank{distributed.rank}_of_{distributed.world_size}"
+
+
+def check_module_layout(sweep_folder: Path, world_size: int) -> None:
+    """A 'modules' sweep resumes with the process count that placed its runs."""
+    others = sorted(
+        path.parent.name
+        for path in sweep_folder.glob(f"rank*_of_*/{BUFFERS_FILE}")
+        if not path.parent.name.endswith(f"_of_{world_size}")
+    )
+    if others:
+        processes = others[0].rpartition("_of_")[2]
+        raise UserError(
+            f"--resume: {sweep_folder} holds a train.distribute 'modules' sweep placed on {processes} processes and "
+            f"this run has {world_size}; resume with torchrun --nproc_per_node {processes}"
+        )

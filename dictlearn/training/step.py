@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from dictlearn.sae.base import Objective, SparseAutoencoder, SparseCodes, StepContext
+from dictlearn.training.distributed import Distributed
 
 GradientNormalization = Literal["unit", "running", "none"]
 
@@ -85,13 +86,21 @@ def train_step(
     *,
     max_grad_norm: float | None,
     gradient_rule: GradientRule | None = None,
+    distributed: Distributed | None = None,
 ) -> StepOutput:
     """Loss, backward, the objective's gradient surgery, the gradient rule (none when ``gradient_rule`` is
     None), clipping (skipped when ``max_grad_norm`` is None), the optimiser step, then the objective's
     constraints: ``sae`` is updated in place. The caller owns the learning-rate schedule, the dead-latent
-    counters (from ``codes``), scheduled events and checkpoints."""
+    counters (from ``codes``), scheduled events and checkpoints.
+
+    With ``distributed`` (data-parallel ranks, each holding its share of the global batch in ``x_BD``) the
+    gradients are averaged over the ranks right after ``backward``, so the surgery, the gradient rule, clipping
+    and Adam see the same gradient on every rank: the global batch's, since each rank's loss is its share of
+    a per-row mean with the normalisers the objective reduces over ``ctx.ranks``. Loss and terms stay local."""
     out = objective.loss(sae, x_BD, y_BD, ctx)
     out.loss.backward()
+    if distributed is not None:
+        distributed.average_(p.grad for p in sae.parameters() if p.grad is not None)
     objective.before_optimizer_step(sae)
     if gradient_rule is not None:
         gradient_rule.apply_(sae.parameters())

@@ -6,6 +6,10 @@ One step (the objective's loss, backward, its gradient surgery, clipping, Adam, 
 the weights, the optimizer, the dead-latent counters, the input scale, the buffer (contents, order, generator,
 source position) and the metrics, so a run killed at any moment and resumed ends with the same weights as one
 never stopped (on the CPU, same seed and thread count).
+
+Under ``torchrun`` (``Distributed``) every rank runs this loop on its share of each batch, in step: the
+counters, loss terms and events are made equal across ranks, a checkpoint holds every rank's buffer and rank 0
+alone writes files; a run resumes exactly with the same number of processes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dictlearn.files import atomic_write, read_torch, torch_save
 from dictlearn.formats.run_folder import CHECKPOINT_FILE, METRICS_FILE
 from dictlearn.params import Params
 from dictlearn.sae.base import EventContext, Objective, SparseAutoencoder, SparseCodes, StepContext
+from dictlearn.training.distributed import Distributed
 from dictlearn.training.step import GradientRule, train_step
 
 
@@ -56,16 +61,23 @@ class Schedule:
 
 
 class DeadLatentTracker:
-    """Tokens since each latent last fired; the trainer owns it and hands the dead mask to the loss."""
+    """Tokens since each latent last fired; the trainer owns it and hands the dead mask to the loss. Under several
+    ranks the counts are global: a latent fired when it fired on any rank, and a step counts every rank's rows,
+    so every rank holds the same counters and takes the same resampling decisions."""
 
-    def __init__(self, num_latents: int, dead_tokens: int):
+    def __init__(self, num_latents: int, dead_tokens: int, distributed: Distributed | None = None):
         self.tokens_since_fired_F = torch.zeros(num_latents, dtype=torch.long)
         self.dead_tokens = dead_tokens
+        self.distributed = distributed or Distributed()
 
     def update(self, codes: SparseCodes) -> None:
-        self.tokens_since_fired_F += len(codes.indices)
-        fired = codes.indices[codes.values > 0].cpu()
-        self.tokens_since_fired_F[fired] = 0
+        ranks = self.distributed
+        self.tokens_since_fired_F += len(codes.indices) * ranks.world_size  # the ranks' batches are equal
+        fired = codes.indices[codes.values > 0]
+        if ranks.world_size > 1:
+            fired_F = torch.zeros(len(self.tokens_since_fired_F), dtype=torch.uint8, device=fired.device)
+            fired = ranks.max(fired_F.index_fill_(0, fired, 1)).nonzero().squeeze(1)
+        self.tokens_since_fired_F[fired.cpu()] = 0
 
     def revive(self, latents: torch.Tensor | None) -> None:
         """Start the count again for latents a scheduled event just re-initialised (resampling)."""
@@ -82,6 +94,15 @@ class DeadLatentTracker:
         self.tokens_since_fired_F.copy_(state["tokens_since_fired"])
 
 
+def check_world_size(checkpoint: Path, saved: int, running: int) -> None:
+    """A checkpoint holds one buffer per rank: it resumes with the number of processes that wrote it."""
+    if saved != running:
+        raise UserError(
+            f"--resume: {checkpoint} was written by {saved} process(es) and this run has {running}; resume with "
+            f"torchrun --nproc_per_node {saved}" + (" (or without torchrun)" if saved == 1 else "")
+        )
+
+
 # Params that may differ on --resume: a diverged run resumes from its last good checkpoint with a lower
 # learning rate; logging and checkpoint intervals do not change what is computed.
 RESUMABLE_CHANGES = {
@@ -90,6 +111,8 @@ RESUMABLE_CHANGES = {
     "train.max_grad_norm",
     "train.checkpoint_every",
     "train.log_every",
+    # How processes share the work; a checkpoint's world size is checked on its own (``check_world_size``).
+    "train.distribute",
 }
 
 # A step is blown up when its FVU is above this (10x worse than predicting the mean, FVU 1) and also this many
@@ -136,8 +159,10 @@ class Trainer:
         lr: float,
         *,
         paired: bool = False,
+        distributed: Distributed | None = None,
     ):
         self.sae = sae
+        self.distributed = distributed or Distributed()
         self.objective = objective
         self.buffer = buffer
         self.params = params
@@ -147,7 +172,7 @@ class Trainer:
         self.schedule = Schedule.from_params(params, self.total_steps)
         self.lr = lr
         self.tracker = DeadLatentTracker(
-            sae.num_latents, params.sae.dead_tokens or default_dead_tokens(params.train.tokens)
+            sae.num_latents, params.sae.dead_tokens or default_dead_tokens(params.train.tokens), self.distributed
         )
         self.optimizer = adam(sae, lr, objective.adam_betas)
         self.gradient_rule = GradientRule(params.train.grad_normalization or objective.grad_normalization)
@@ -166,7 +191,14 @@ class Trainer:
 
     def save_checkpoint(self, *, with_buffer: bool = True) -> None:
         """Everything needed to resume; ``with_buffer=False`` for a buffer shared by several trainers (a sweep),
-        whose state is saved once beside them."""
+        whose state is saved once beside them. Every rank calls it; rank 0 writes every rank's buffer and
+        generator (``ranks``) beside the weights, optimiser and counters the ranks share."""
+        ranks = self.distributed.gather(
+            {"buffer": self.buffer.state_dict() if with_buffer else None, "torch_rng": torch.get_rng_state()}
+        )
+        self.last_checkpoint_step = self.step
+        if not self.distributed.is_first:
+            return
         torch_save(
             self.checkpoint_path,
             {
@@ -179,20 +211,20 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "gradient_rule": self.gradient_rule.state_dict(),
                 "tracker": self.tracker.state_dict(),
-                "buffer": self.buffer.state_dict() if with_buffer else None,
-                "torch_rng": torch.get_rng_state(),
+                "world_size": self.distributed.world_size,
+                "ranks": ranks,
                 "metrics": self.metrics,
                 "params": self.params.model_dump(mode="json"),
             },
         )
-        self.last_checkpoint_step = self.step
 
     def load_checkpoint(self) -> list[str]:
         """Restore everything from the checkpoint; returns notes for the user (what changed and is allowed to:
         the learning rate, clipping and logging intervals; a different thread count)."""
         state = read_torch(self.checkpoint_path, "training checkpoint")
-        if not isinstance(state, dict) or not {"params", "sae", "optimizer", "buffer", "step"} <= set(state):
+        if not isinstance(state, dict) or not {"params", "sae", "optimizer", "step"} <= set(state):
             raise UserError(f"{self.checkpoint_path}: not a training checkpoint; start over with --overwrite")
+        check_world_size(self.checkpoint_path, state.get("world_size", 1), self.distributed.world_size)
         changed = _changed_fields(state["params"], self.params.model_dump(mode="json"))
         refused = [change for change in changed if change.split(":")[0] not in RESUMABLE_CHANGES]
         if refused:
@@ -221,9 +253,11 @@ class Trainer:
         self.tracker.load_state_dict(state["tracker"])
         if "gradient_rule" in state:
             self.gradient_rule.load_state_dict(state["gradient_rule"])
-        if state["buffer"] is not None:
-            self.buffer.load_state_dict(state["buffer"])
-        torch.set_rng_state(state["torch_rng"])
+        # Checkpoints written before data-parallel training hold one rank's state at the top level.
+        mine = state["ranks"][self.distributed.rank] if "ranks" in state else state
+        if mine["buffer"] is not None:
+            self.buffer.load_state_dict(mine["buffer"])
+        torch.set_rng_state(mine["torch_rng"])
         self.step, self.tokens, self.metrics = state["step"], state["tokens"], state["metrics"]
         self.last_checkpoint_step = self.step
         return notes
@@ -246,6 +280,8 @@ class Trainer:
 
     def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the records held (at the start of a run, or from a checkpoint's)."""
+        if not self.distributed.is_first:
+            return
         lines = "".join(json.dumps(m) + "\n" for m in self.metrics)
         atomic_write(self.folder / METRICS_FILE, lambda temp: temp.write_text(lines))
 
@@ -253,6 +289,8 @@ class Trainer:
         """One line per record, so logging costs the same at step 10 and step 100,000; a line cut short by a
         kill is dropped when ``fit`` rewrites the file from the checkpoint's records."""
         self.metrics.append(record)
+        if not self.distributed.is_first:
+            return
         with (self.folder / METRICS_FILE).open("a") as lines:
             lines.write(json.dumps(record) + "\n")
 
@@ -288,11 +326,14 @@ class Trainer:
             inputs = sample[:, : self.sae.d_in]
             # E||x / s||^2 = d_in (Anthropic, April 2024 update): s = sqrt(E||x||^2 / d_in).
             self.input_scale = float(inputs.double().pow(2).sum(1).mean().div(self.sae.d_in).sqrt())
+        # Under several ranks each sampled its own part of the data: rank 0's scale and weights hold for all.
+        self.input_scale = self.distributed.broadcast_object(self.input_scale)
         if keep_weights:
             if self.input_scale != 1.0:
                 self.sae.fold_input_scale_(1 / self.input_scale)
             return
         self.objective.initialize_(self.sae, *self._split(sample))
+        self.distributed.broadcast_state_(self.sae)
 
     def finish(self) -> None:
         """Fold the input scale into the weights, so the saved SAE acts on unscaled activations."""
@@ -322,7 +363,7 @@ class Trainer:
         self.write_metrics()  # fresh, or the records up to the checkpoint being resumed
         while self.step < self.total_steps:
             rows_BW = self.buffer.next_batch()
-            if rows_BW is None:
+            if not self.distributed.every_rank_has(rows_BW, self.buffer.batch_size):
                 break
             record = self.train_on(rows_BW)
             if self.step % train.checkpoint_every == 0 and self.bad_steps == 0:
@@ -336,7 +377,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * self.schedule.factor(self.step)
         dead_F = self.tracker.dead_mask()
-        ctx = StepContext(self.step, self.total_steps, dead_F.to(self.sae.device))
+        ctx = StepContext(self.step, self.total_steps, dead_F.to(self.sae.device), self.distributed)
         x_BD, y_BD = self._split(rows_BW)
         out = train_step(
             self.sae,
@@ -347,7 +388,16 @@ class Trainer:
             ctx,
             max_grad_norm=train.max_grad_norm,
             gradient_rule=self.gradient_rule,
+            distributed=self.distributed,
         )
+        l0 = float((out.codes.values > 0).sum(-1).float().mean())
+        if self.distributed.world_size > 1:
+            # Every rank's terms are its share of the global batch's (the normalisers are global): their mean is
+            # the global value, and every rank then takes the same divergence decision.
+            values = torch.tensor([out.loss, l0, *out.terms.values()], dtype=torch.float64)
+            self.distributed.average_([values])
+            loss, l0, *terms = values.tolist()
+            out = out._replace(loss=loss, terms=dict(zip(out.terms, terms, strict=True)))
         fvu = out.terms["fvu"]
         blown_up = not math.isfinite(fvu) or (fvu > DIVERGED_FVU and fvu > DIVERGED_FVU * self.best_fvu)
         self.bad_steps = self.bad_steps + 1 if blown_up else 0
@@ -356,19 +406,24 @@ class Trainer:
             raise UserError(self._divergence_message(out.loss, fvu))
         self.tracker.update(out.codes)
         self.step += 1
-        self.tokens += len(rows_BW)
+        self.tokens += len(rows_BW) * self.distributed.world_size
         record = {
             "step": self.step,
             "tokens": self.tokens,
             "loss": out.loss,
             **out.terms,
-            "l0": float((out.codes.values > 0).sum(-1).float().mean()),
+            "l0": l0,
             "dead_fraction": float(dead_F.float().mean()),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
         event = self.objective.scheduled_event(
             self.sae, EventContext(self.step, self.optimizer, self.tracker.dead_mask(), self._sample)
         )
+        if self.distributed.world_size > 1 and self.distributed.any(bool(event)):
+            # Each rank scored its own sample: rank 0's event stands, weights, Adam moments and record alike.
+            self.distributed.broadcast_state_(self.sae, self.optimizer)
+            on_cpu = {key: value.cpu() if torch.is_tensor(value) else value for key, value in (event or {}).items()}
+            event = self.distributed.broadcast_object(on_cpu or None)  # not rank 0's GPU tensors on every rank
         if event:
             # A tensor, not a metric: the latents the event re-initialised, whose counters start again.
             self.tracker.revive(event.pop("revived_latents", None))
