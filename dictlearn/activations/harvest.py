@@ -111,25 +111,48 @@ class LiveActivations:
         self.model_batch_size = model_batch_size
         self.excluded = special_token_ids(lm.tokenizer) if exclude_special_tokens else torch.empty(0, dtype=torch.long)
 
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """The model batches of windows (B, T), tokenised and not run."""
+        return (torch.tensor(batch, dtype=torch.long) for batch in batched(self.windows(), self.model_batch_size))
+
+    def _kept(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) True at the text tokens: the positions that become rows."""
+        return ~torch.isin(input_ids, self.excluded)
+
+    def rows_per_batch(self) -> Iterator[int]:
+        """How many rows each model batch gives, from tokenising alone (no forward)."""
+        return (int(self._kept(input_ids).sum()) for input_ids in self._batches())
+
     def chunk_set_of(self, input_ids: torch.Tensor) -> dict[str, ActivationChunk]:
         """Run one batch of windows (B, T) and keep the rows of text tokens at every hook."""
         with torch.inference_mode():
             acts = capture_at_hooks(self.lm.model, self.hooks, input_ids.to(self.lm.device))
-        keep_BT = ~torch.isin(input_ids, self.excluded)
+        keep_BT = self._kept(input_ids)
         token_ids = input_ids[keep_BT]
         return {
             hook.name: ActivationChunk(acts[hook.name][keep_BT.to(acts[hook.name].device)], token_ids)
             for hook in self.hooks
         }
 
+    def chunk_sets_where(
+        self, wanted: Callable[[int], bool], stop: int | None = None
+    ) -> Iterator[tuple[int, dict[str, ActivationChunk]]]:
+        """``(batch, chunk set)`` for every model batch ``wanted(batch)`` is True of, before batch ``stop`` (the
+        others are tokenised but never run through the model)."""
+        for index, input_ids in enumerate(prefetched(self._batches())):
+            if stop is not None and index >= stop:
+                return
+            if wanted(index):
+                yield index, self.chunk_set_of(input_ids)
+
     def iter_chunk_sets(self, start: int = 0, part: Part = WHOLE) -> Iterator[dict[str, ActivationChunk]]:
         """Yield a chunk per hook for every batch of ``part`` from its batch ``start`` on (earlier batches, and
         the other parts' batches, are tokenised but never run through the model)."""
-        batches = (torch.tensor(batch, dtype=torch.long) for batch in batched(self.windows(), self.model_batch_size))
         first = part.chunk(start)
-        for index, input_ids in enumerate(prefetched(batches)):
-            if index >= first and (index - part.index) % part.count == 0:
-                yield self.chunk_set_of(input_ids)
+        for _, chunk_set in self.chunk_sets_where(
+            lambda index: index >= first and (index - part.index) % part.count == 0
+        ):
+            yield chunk_set
 
     def iter_chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
         """The chunks of a one-hook source from batch ``start`` on."""

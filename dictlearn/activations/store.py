@@ -24,6 +24,7 @@ from dictlearn.files import atomic_write, make_folder, read_json, read_safetenso
 
 META = "meta.json"
 PROGRESS = "progress.json"
+PROGRESS_FILES = "progress*.json"  # one process's, and each rank's in a harvest split over ranks
 REHARVEST = "run get_activations.py --overwrite to harvest it again"
 
 
@@ -37,6 +38,21 @@ def harvest_identity(params, hook_name: str, d_in: int) -> dict:
         "data": params.data.model_dump(mode="json"),
         "exclude_special_tokens": params.buffer.exclude_special_tokens,
     }
+
+
+def shard_file(index: int) -> str:
+    """The file name of a store's shard ``index``."""
+    return f"shard_{index:05d}.safetensors"
+
+
+def progress_header(meta: dict, shard_tokens: int, dtype: torch.dtype) -> dict:
+    """What a partial folder's progress records must match for its shards to be continued."""
+    return {"meta": meta, "shard_tokens": shard_tokens, "dtype": str(dtype)}
+
+
+def partial_folder(path: Path) -> Path:
+    """Where a store is written before it is published."""
+    return path.with_name(path.name + ".partial")
 
 
 def store_folder(params, model_short_name: str, hook_name: str) -> Path:
@@ -62,15 +78,13 @@ class StoreWriter:
         resume: bool = False,
     ):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_folder(self.path)
+        self.progress_path = self.partial / PROGRESS
         self.meta = dict(meta)
         self.dtype = dtype
         self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
-        # The caller holds the store's output_lock, so a partial folder here is a killed run's, not a live one's.
-        if not (resume and self._resume()):
-            remove_partial(self.partial)
-            make_folder(self.partial, "activation store")
+        self._open(resume)
         self.tokens = sum(shard["rows"] for shard in self.shards)
         self.blocks = [
             (torch.empty(shard_tokens, int(meta["d_in"]), dtype=dtype), torch.empty(shard_tokens, dtype=torch.long))
@@ -78,16 +92,21 @@ class StoreWriter:
         ]
         self.shard_acts, self.shard_token_ids = self.blocks[0]
         self.pending_rows = 0
-        self.bytes = 0
         self._writer = ThreadPoolExecutor(max_workers=1)
         self._writing: Future | None = None
 
+    def _open(self, resume: bool) -> None:
+        # The caller holds the store's output_lock, so a partial folder here is a killed run's, not a live one's.
+        if not (resume and self._resume()):
+            remove_partial(self.partial)
+            make_folder(self.partial, "activation store")
+
     def _progress_header(self) -> dict:
-        return {"meta": self.meta, "shard_tokens": self.shard_tokens, "dtype": str(self.dtype)}
+        return progress_header(self.meta, self.shard_tokens, self.dtype)
 
     def _resume(self) -> bool:
         """Take over a killed writer's complete shards; False when there is nothing fit to continue."""
-        progress_path = self.partial / PROGRESS
+        progress_path = self.progress_path
         if not progress_path.is_file() or self.partial.is_symlink():
             return False
         try:
@@ -114,11 +133,8 @@ class StoreWriter:
         every other file a killed writer left (a shard past them, temporary files)."""
         self.shards = self.shards[:num_shards]
         self.tokens = sum(shard["rows"] for shard in self.shards)
-        keep = {shard["file"] for shard in self.shards} | {PROGRESS}
-        for path in self.partial.iterdir():
-            if path.name not in keep:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        write_json(self.partial / PROGRESS, {**self._progress_header(), "shards": self.shards})
+        remove_all_but(self.partial, {shard["file"] for shard in self.shards} | {PROGRESS})
+        write_json(self.progress_path, {**self._progress_header(), "shards": self.shards})
 
     def add(self, chunk: ActivationChunk, batch: int, first_row: int = 0) -> None:
         """Append ``chunk``: the rows of model batch ``batch`` from row ``first_row`` on (for the position a
@@ -141,7 +157,7 @@ class StoreWriter:
 
     def _write_shard(self, end: dict) -> None:
         rows = self.pending_rows
-        name = f"shard_{len(self.shards):05d}.safetensors"
+        name = self._next_file()
         tensors = {"acts": self.shard_acts[:rows], "token_ids": self.shard_token_ids[:rows]}
         self._wait_for_writer()  # the other block must be on disk before it is refilled
         self.shards.append({"file": name, "rows": rows, "end": end})
@@ -155,23 +171,22 @@ class StoreWriter:
     def _save(self, tensors: dict, name: str, progress: dict) -> None:
         """The shard (whole or not at all), then the progress that lists it: a kill in between loses one shard."""
         atomic_write(self.partial / name, lambda temp: save_file(tensors, str(temp)))
-        write_json(self.partial / PROGRESS, progress)
+        write_json(self.progress_path, progress)
 
-    def finish(self, end: dict) -> dict:
-        """Write the last, short shard (ending at ``end``), meta.json, and publish the store."""
+    def _next_file(self) -> str:
+        return shard_file(len(self.shards))
+
+    def flush(self, end: dict) -> None:
+        """Write the last, short shard (ending at ``end``) and wait until every shard is on disk."""
         if self.pending_rows:
             self._write_shard(end)
         self._wait_for_writer()
         self._writer.shutdown()
-        self.bytes = sum((self.partial / shard["file"]).stat().st_size for shard in self.shards)
-        meta = {**self.meta, "dtype": str(self.dtype).removeprefix("torch."), "tokens": self.tokens}
-        meta["shards"] = self.shards
-        write_json(self.partial / META, meta)
-        (self.partial / PROGRESS).unlink()
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.partial.rename(self.path)
-        return meta
+
+    def finish(self, end: dict) -> dict:
+        """Write the last, short shard (ending at ``end``), meta.json, and publish the store."""
+        self.flush(end)
+        return publish(self.path, self.meta, self.dtype, self.shards)
 
     def close(self) -> None:
         """Stop after a failure: the shard being written is finished (or lost whole), the rows not yet in a
@@ -180,6 +195,28 @@ class StoreWriter:
             self._wait_for_writer()
         finally:
             self._writer.shutdown(wait=True, cancel_futures=True)
+
+
+def publish(path: Path, meta: dict, dtype: torch.dtype, shards: list[dict]) -> dict:
+    """Write meta.json (``meta`` with the dtype, token count and ``shards``) into the partial folder of the store
+    at ``path``, drop its progress records, and rename it to ``path``; return the meta."""
+    partial = partial_folder(path)
+    meta = {**meta, "dtype": str(dtype).removeprefix("torch."), "tokens": sum(shard["rows"] for shard in shards)}
+    meta["shards"] = shards
+    write_json(partial / META, meta)
+    for record in partial.glob(PROGRESS_FILES):
+        record.unlink()
+    if path.exists():
+        shutil.rmtree(path)
+    partial.rename(path)
+    return meta
+
+
+def remove_all_but(folder: Path, keep: set[str]) -> None:
+    """Remove every file and folder in ``folder`` not named in ``keep``."""
+    for path in folder.iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def remove_partial(partial: Path) -> None:
@@ -225,6 +262,15 @@ class ActivationStore:
             yield ActivationChunk(tensors["acts"], tensors["token_ids"].long())
 
 
+def add_rows(
+    writers: dict[str, StoreWriter], chunk_set: dict[str, ActivationChunk], batch: int, first_row: int, end: int
+) -> None:
+    """Give each hook's writer rows ``first_row:end`` of its chunk of model batch ``batch``."""
+    for name, writer in writers.items():
+        chunk = chunk_set[name]
+        writer.add(ActivationChunk(chunk.acts[first_row:end], chunk.token_ids[first_row:end]), batch, first_row)
+
+
 def write_stores(
     chunk_sets: Callable[[int], Iterator[dict[str, ActivationChunk]]],
     writers: dict[str, StoreWriter],
@@ -248,9 +294,7 @@ def write_stores(
         for batch, chunk_set in enumerate(chunk_sets(position["batch"]), start=position["batch"]):
             first_row = position["row"] if batch == position["batch"] else 0
             end = first_row + max(0, min(max_tokens - tokens, len(next(iter(chunk_set.values())).acts) - first_row))
-            for name, writer in writers.items():
-                chunk = chunk_set[name]
-                writer.add(ActivationChunk(chunk.acts[first_row:end], chunk.token_ids[first_row:end]), batch, first_row)
+            add_rows(writers, chunk_set, batch, first_row, end)
             tokens += end - first_row
             on_rows(end - first_row)
             if tokens >= max_tokens:
