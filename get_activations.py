@@ -108,7 +108,9 @@ def harvest(
     description = f"harvest {wanted[0].name}" + (f" (+{len(wanted) - 1} hooks)" if len(wanted) > 1 else "")
     if distributed.world_size > 1:
         # The bar counts rank 0's own rows: about 1/N of them.
-        with tqdm(unit="tok", desc=f"{description}, rank 0 of {distributed.world_size}", disable=not distributed.is_first) as bar:
+        with tqdm(
+            unit="tok", desc=f"{description}, rank 0 of {distributed.world_size}", disable=not distributed.is_first
+        ) as bar:
             metas, done = write_stores_on_ranks(
                 source, stores, shard_tokens, dtype, tokens, distributed, resume=not overwrite, on_rows=bar.update
             )
