@@ -311,11 +311,11 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path, tiny_che
 # --- torchrun, end to end ---
 
 
-def torchrun(params: dict, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+def torchrun(params: dict, tmp_path, *extra: str, script: str = "training_script.py") -> subprocess.CompletedProcess:
     (tmp_path / "params.json").write_text(json.dumps(params))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(REPO / "training_script.py"), "--params", str(tmp_path / "params.json"), *extra]  # fmt: skip
+               str(_free_port()), str(REPO / script), "--params", str(tmp_path / "params.json"), *extra]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 

@@ -16,9 +16,9 @@ from dictlearn.lm.models import hook_width, load_language_model, resolve_hooks
 from dictlearn.lm.text import training_windows
 from dictlearn.params import parse_params
 from dictlearn.training.distributed import Distributed
-from tests.test_distributed import WORLD, spawn
+from tests.test_distributed import WORLD, spawn, torchrun
 from tests.test_scale import HOOKS, Killed
-from tests.test_scripts import tiny_params
+from tests.test_scripts import run, tiny_params
 
 SHARD, TOKENS = 100, 950  # a short last shard of 50 rows
 
@@ -136,3 +136,22 @@ def test_two_ranks_harvest_the_one_process_store_and_continue_a_killed_harvest(t
     _assert_same_store(tmp_path / "one", tmp_path / "for_one")
     assert {name: (tmp_path / "for_one" / HOOKS[0] / name).stat().st_mtime_ns for name in before} == before
     assert json.loads((tmp_path / "for_one" / HOOKS[0] / "meta.json").read_text())["tokens"] == TOKENS
+
+
+@pytest.mark.slow
+def test_torchrun_harvests_the_script_store_of_one_process(tmp_path, tiny_checkpoint_with_text):
+    model, corpus = tiny_checkpoint_with_text
+    params = tiny_params(model, corpus, tmp_path)
+    params["store"] = {"path": str(tmp_path / "one"), "tokens": 1000, "shard_tokens": 256}
+    alone = run("get_activations.py", params, tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    params["store"]["path"] = str(tmp_path / "two")
+    done = torchrun(params, tmp_path, script="get_activations.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("activation store") == 1  # rank 0 alone prints the table
+    meta = (tmp_path / "one" / "meta.json").read_bytes()
+    assert meta == (tmp_path / "two" / "meta.json").read_bytes()
+    for shard in json.loads(meta)["shards"]:
+        assert (tmp_path / "one" / shard["file"]).read_bytes() == (tmp_path / "two" / shard["file"]).read_bytes()
+    again = torchrun(params, tmp_path, script="get_activations.py")
+    assert again.returncode == 0 and "is up to date (1,000 tokens)" in again.stdout
