@@ -145,12 +145,12 @@ def test_gather_and_decode_backward_match_dense_for_both_layouts(num_candidates,
     pre_acts_BF = sae.encode(x_BD).pre_acts
     candidates_N = torch.arange(num_candidates) * (64 // num_candidates)
     indices_BK = candidates_N[pre_acts_BF[:, candidates_N].topk(4).indices]
-    keep_BK = torch.rand(32, 4) < (0.6 if ragged else 2.0)
-    keep_BK[0] = False  # a row that selects nothing
+    keep_BK = torch.ones(32, 4, dtype=torch.bool)
     selection = Selection(indices_BK, 64)
     if ragged:
-        counts_B = keep_BK.sum(1)
-        selection = Selection.ragged(indices_BK[keep_BK], torch.cat([counts_B.new_zeros(1), counts_B.cumsum(0)]), 64)
+        keep_BK = torch.rand(32, 4) < 0.6
+        keep_BK[0] = False  # a row that selects nothing
+        selection = Selection.ragged(keep_BK.nonzero()[:, 0], indices_BK[keep_BK], 32, 64)
     weights = torch.randn(selection.shape, dtype=torch.float64)
     weights_BD = torch.randn(32, 16, dtype=torch.float64)
     tensors = [x_BD, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
@@ -161,9 +161,9 @@ def test_gather_and_decode_backward_match_dense_for_both_layouts(num_candidates,
     sparse_grads = torch.autograd.grad(loss, tensors)
 
     dense_pre_acts_BF = (x_BD - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-    rows_E = torch.arange(32).repeat_interleave(4)[keep_BK.flatten()] if ragged else selection.rows_E
-    ref_acts_E = dense_pre_acts_BF[rows_E, selection.indices_E]
-    z_BF = torch.zeros_like(dense_pre_acts_BF).index_put((rows_E, selection.indices_E), ref_acts_E)
+    rows_E = torch.arange(32).unsqueeze(1).expand(32, 4)[keep_BK]
+    ref_acts_E = dense_pre_acts_BF[rows_E, indices_BK[keep_BK]]
+    z_BF = torch.zeros_like(dense_pre_acts_BF).index_put((rows_E, indices_BK[keep_BK]), ref_acts_E)
     ref_loss = (ref_acts_E * weights.flatten()).sum() + ((z_BF @ sae.W_dec + sae.b_dec) * weights_BD).sum()
     dense_grads = torch.autograd.grad(ref_loss, tensors)
     for name, sparse, dense in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], sparse_grads, dense_grads):

@@ -42,7 +42,7 @@ def batch_top_k(pre_acts_BF: Tensor, k: int) -> Selection:
     maxima_BG = slabs_BSG.amax(1)
     # The smallest positive float: a bound at or below zero still keeps only positive entries.
     bound = maxima_BG.new_tensor(0.0).nextafter(maxima_BG.new_tensor(1.0))
-    if budget < maxima_BG.numel():
+    if budget <= maxima_BG.numel():
         bound = torch.maximum(bound, maxima_BG.flatten().kthvalue(maxima_BG.numel() - budget + 1).values)
     rows_N, groups_N = (maxima_BG >= bound).nonzero(as_tuple=True)
     values_NS = slabs_BSG[rows_N, :, groups_N]
@@ -57,8 +57,7 @@ def batch_top_k(pre_acts_BF: Tensor, k: int) -> Selection:
         at_E = values_E == kth_value
         keep_E = above_E | (at_E & (at_E.cumsum(0) <= budget - above_E.sum()))
         rows_E, indices_E = rows_E[keep_E], indices_E[keep_E]
-    counts_B = torch.bincount(rows_E, minlength=batch_size)
-    return Selection.ragged(indices_E, torch.cat([counts_B.new_zeros(1), counts_B.cumsum(0)]), num_latents)
+    return Selection.ragged(rows_E, indices_E, batch_size, num_latents)
 
 
 def _batch_top_k_groups(num_latents: int, k: int) -> int:
@@ -114,8 +113,7 @@ class BatchTopKSAE(TopKFamilySAE):
     def select_by_threshold(self, pre_acts_BF: Tensor) -> Selection:
         """The inference selection: every latent whose ``relu(pre)`` exceeds ``threshold``, per row."""
         rows_E, indices_E = (pre_acts_BF > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
-        counts_B = torch.bincount(rows_E, minlength=pre_acts_BF.shape[0])
-        return Selection.ragged(indices_E, torch.cat([counts_B.new_zeros(1), counts_B.cumsum(0)]), self.num_latents)
+        return Selection.ragged(rows_E, indices_E, pre_acts_BF.shape[0], self.num_latents)
 
     def encode(self, x_BD: Tensor) -> SparseCodes:
         pre_acts_BF = self.pre_activations(x_BD)

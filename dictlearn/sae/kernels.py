@@ -190,27 +190,26 @@ class Selection:
         self._pattern: _SelectionPattern | None = None
 
     @classmethod
-    def ragged(cls, indices_E: Tensor, row_offsets: Tensor, num_latents: int) -> Selection:
-        """A selection whose row b holds ``indices_E[row_offsets[b]:row_offsets[b + 1]]``."""
+    def ragged(cls, rows_E: Tensor, indices_E: Tensor, batch_size: int, num_latents: int) -> Selection:
+        """The selection of latent ``indices_E[e]`` in row ``rows_E[e]``, entries listed by row (``rows_E``
+        non-decreasing, as ``nonzero`` lists them); rows may hold different numbers."""
+        counts_B = torch.bincount(rows_E, minlength=batch_size)
         selection = cls.__new__(cls)
         selection.indices_BK = None
         selection.shape = indices_E.shape
         selection.indices_E = indices_E
-        selection.batch_size = row_offsets.numel() - 1
+        selection.batch_size = batch_size
         selection.num_latents = num_latents
-        selection.row_offsets = row_offsets
-        selection._rows_E = None
+        selection.row_offsets = torch.cat([counts_B.new_zeros(1), counts_B.cumsum(0)])
+        selection._rows_E = rows_E
         selection._pattern = None
         return selection
 
     @property
     def rows_E(self) -> Tensor:
-        """(E,) the batch row of each entry."""
+        """(E,) the batch row of each entry (a ragged selection is given it; K per row computes it once)."""
         if self._rows_E is None:
-            counts_B = self.row_offsets.diff()
-            self._rows_E = torch.arange(self.batch_size, device=counts_B.device).repeat_interleave(
-                counts_B, output_size=self.indices_E.numel()
-            )
+            self._rows_E = torch.arange(self.batch_size, device=self.indices_E.device).repeat_interleave(self.shape[1])
         return self._rows_E
 
     @property
