@@ -12,7 +12,7 @@ from dictlearn.errors import UserError
 from dictlearn.formats.run_folder import load_dictionary, save_dictionary
 from dictlearn.params import parse_params
 from dictlearn.sae.base import StepContext, codes_to_dense
-from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, batch_top_k
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, batch_top_k, padded_codes
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.losses import fvu
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
@@ -70,22 +70,39 @@ def _planted(num_rows, d_in=16, num_atoms=48, active=3, seed=0):
 def test_batch_top_k_keeps_exactly_k_times_batch_the_largest_activations():
     pre_acts_BF = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     selection = batch_top_k(pre_acts_BF, 4)
-    dense_BF = torch.zeros_like(pre_acts_BF).scatter(1, selection.indices_BK, selection.mask_BK)
-    assert int(selection.mask_BK.sum()) == 4 * 32
-    assert int(dense_BF.sum()) == 4 * 32  # the kept entries are distinct
+    dense_BF = torch.zeros_like(pre_acts_BF).index_put_(
+        (selection.rows_E, selection.indices_E), torch.ones(selection.indices_E.numel()), accumulate=True
+    )
+    assert selection.indices_E.numel() == 4 * 32
+    assert int(dense_BF.max()) == 1  # the kept entries are distinct
     expected = F.relu(pre_acts_BF).flatten().topk(4 * 32).indices
     assert set(dense_BF.flatten().nonzero().squeeze(1).tolist()) == set(expected.tolist())
-    # Rows differ in how many they keep, and every row's indices are distinct (padding included).
-    assert len(set(selection.mask_BK.sum(1).tolist())) > 1
-    assert all(len(set(row.tolist())) == len(row) for row in selection.indices_BK)
+    assert len(set(selection.row_offsets.diff().tolist())) > 1  # rows differ in how many they keep
+    # The padded codes callers get: each row's kept values, then zeros at latents it did not keep.
+    codes = padded_codes(pre_acts_BF[selection.rows_E, selection.indices_E], selection, pre_acts_BF)
+    assert codes.values.shape == (32, int(selection.row_offsets.diff().max()))
+    assert torch.equal(codes_to_dense(codes, 64), pre_acts_BF * dense_BF)
+    assert all(len(set(row.tolist())) == len(row) for row in codes.indices)
 
 
-def test_batch_top_k_doubles_its_candidates_when_one_row_holds_most_of_the_batch():
+@pytest.mark.parametrize("tie", [False, True])
+def test_batch_top_k_keeps_exactly_k_times_batch_with_ties_and_few_positives(tie):
+    pre_acts_BF = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    if tie:
+        pre_acts_BF[:, :8] = 5.0  # 128 equal entries at the top, of which 4 * 16 = 64 are kept
+        assert batch_top_k(pre_acts_BF, 4).indices_E.numel() == 64
+    else:
+        pre_acts_BF = pre_acts_BF.abs().neg()
+        pre_acts_BF[2, 5] = 1.0  # one positive entry: kept alone
+        selection = batch_top_k(pre_acts_BF, 4)
+        assert selection.indices_E.tolist() == [5] and selection.rows_E.tolist() == [2]
+
+
+def test_batch_top_k_finds_a_row_that_holds_most_of_the_batch():
     pre_acts_BF = torch.randn(8, 256, generator=torch.Generator().manual_seed(0)) - 5
-    pre_acts_BF[3] += 20  # row 3 holds every kept entry: 16 * 8 = 128 > 4k candidates
+    pre_acts_BF[3] += 20  # row 3 holds every kept entry: 16 * 8 = 128
     selection = batch_top_k(pre_acts_BF, 16)
-    assert int(selection.mask_BK[3].sum()) == 128
-    assert int(selection.mask_BK.sum()) == 128
+    assert selection.row_offsets.diff().tolist() == [0, 0, 0, 128, 0, 0, 0, 0]
 
 
 def test_training_step_keeps_k_times_batch_and_the_threshold_follows_the_smallest_kept():
@@ -360,7 +377,7 @@ def test_dictionary_learning_fixture_reproduces_codes_and_x_hat(case):
     assert torch.allclose(out.x_hat, reference["x_hat"], atol=1e-5)
     if "codes_batch_topk" in reference:  # the training-time selection on the same 64 rows
         with torch.no_grad():
-            codes, _ = _objective().forward_selected(sae, reference["x"])
+            codes = padded_codes(*_objective().forward_selected(sae, reference["x"]))
         assert torch.allclose(codes_to_dense(codes, sae.num_latents), reference["codes_batch_topk"], atol=1e-5)
         assert torch.allclose(sae.decode(codes), reference["x_hat_batch_topk"], atol=1e-5)
 

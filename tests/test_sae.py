@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from dictlearn.errors import UserError
 from dictlearn.formats.dictionary_learning import topk_from_state_dict, topk_to_state_dict
 from dictlearn.formats.run_folder import load_dictionary, save_dictionary
-from dictlearn.sae.base import SparseCodes, StepContext
+from dictlearn.sae.base import StepContext
 from dictlearn.sae.kernels import Selection, _SelectionPattern, top_k_indices
 from dictlearn.sae.losses import auxk_loss, fvu
 from dictlearn.sae.topk import TopKObjective, TopKSAE, geometric_median
@@ -135,27 +135,36 @@ def test_sparse_backward_matches_dense_autograd(num_dead, aux_k):
         assert torch.allclose(sparse, dense, atol=1e-12), name
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("num_candidates", [64, 6])
-def test_gather_and_decode_backward_match_dense_for_both_layouts(num_candidates):
-    """Selecting 4 of 64 latents takes the CSR path, 4 of 6 the dense-block path."""
+def test_gather_and_decode_backward_match_dense_for_both_layouts(num_candidates, ragged):
+    """Selecting 4 of 64 latents takes the CSR path, 4 of 6 the dense-block path; a ragged selection (rows
+    keep 0 to 4 of them, as BatchTopK's rows do) takes the same paths."""
     sae = _sae(dtype=torch.float64)
     x_BD = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
     pre_acts_BF = sae.encode(x_BD).pre_acts
     candidates_N = torch.arange(num_candidates) * (64 // num_candidates)
     indices_BK = candidates_N[pre_acts_BF[:, candidates_N].topk(4).indices]
-    weights_BK = torch.randn(32, 4, dtype=torch.float64)
+    keep_BK = torch.ones(32, 4, dtype=torch.bool)
+    selection = Selection(indices_BK, 64)
+    if ragged:
+        keep_BK = torch.rand(32, 4) < 0.6
+        keep_BK[0] = False  # a row that selects nothing
+        selection = Selection.ragged(keep_BK.nonzero()[:, 0], indices_BK[keep_BK], 32, 64)
+    weights = torch.randn(selection.shape, dtype=torch.float64)
     weights_BD = torch.randn(32, 16, dtype=torch.float64)
     tensors = [x_BD, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
 
-    assert _SelectionPattern(indices_BK, 64).dense == (num_candidates == 6)
-    acts_BK = sae.gather(x_BD, pre_acts_BF, Selection(indices_BK, 64))
-    loss = (acts_BK * weights_BK).sum() + (sae.decode(SparseCodes(acts_BK, indices_BK, None)) * weights_BD).sum()
+    assert _SelectionPattern(selection).dense == (num_candidates == 6)
+    acts = sae.gather(x_BD, pre_acts_BF, selection)
+    loss = (acts * weights).sum() + ((sae.decode_without_bias(acts, selection) + sae.b_dec) * weights_BD).sum()
     sparse_grads = torch.autograd.grad(loss, tensors)
 
     dense_pre_acts_BF = (x_BD - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-    ref_acts_BK = dense_pre_acts_BF.gather(1, indices_BK)
-    z_BF = torch.zeros_like(dense_pre_acts_BF).scatter(1, indices_BK, ref_acts_BK)
-    ref_loss = (ref_acts_BK * weights_BK).sum() + ((z_BF @ sae.W_dec + sae.b_dec) * weights_BD).sum()
+    rows_E = torch.arange(32).unsqueeze(1).expand(32, 4)[keep_BK]
+    ref_acts_E = dense_pre_acts_BF[rows_E, indices_BK[keep_BK]]
+    z_BF = torch.zeros_like(dense_pre_acts_BF).index_put((rows_E, indices_BK[keep_BK]), ref_acts_E)
+    ref_loss = (ref_acts_E * weights.flatten()).sum() + ((z_BF @ sae.W_dec + sae.b_dec) * weights_BD).sum()
     dense_grads = torch.autograd.grad(ref_loss, tensors)
     for name, sparse, dense in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], sparse_grads, dense_grads):
         assert torch.allclose(sparse, dense, atol=1e-12), name

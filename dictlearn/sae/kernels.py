@@ -97,42 +97,45 @@ def _csr(crow_indices: Tensor, col_indices: Tensor, values: Tensor, size: tuple[
 
 
 class _SelectionPattern:
-    """The (B, F) matrix with K stored entries per row, in the columns ``indices_BK``, as a backward uses it.
+    """The (B, F) matrix with the selection's E stored entries, as a backward uses it.
 
     Two products are needed: ``transposed_matmul`` (gradients of ``W_enc`` and ``W_dec``) and ``sampled_dot``
-    (gradients of the selected activations). Both cost O(B * K * D) entry by entry; when the selection fills
-    at least ``_DENSE_BLOCK_MIN_FILL`` of the (B, N) block of latents it touches, a dense BLAS product on that
+    (gradients of the selected activations). Both cost O(E * D) entry by entry; when the selection fills at
+    least ``_DENSE_BLOCK_MIN_FILL`` of the (B, N) block of latents it touches, a dense BLAS product on that
     block is faster (see the constant). Either way no (B, F) matrix is formed.
     """
 
-    def __init__(self, indices_BK: Tensor, num_latents: int) -> None:
-        self.indices_BK = indices_BK
-        self.num_latents = num_latents
-        flat_indices = indices_BK.flatten()
-        counts_F = torch.bincount(flat_indices, minlength=num_latents)
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+        num_latents = selection.num_latents
+        indices_E = selection.indices_E
+        counts_F = torch.bincount(indices_E, minlength=num_latents)
         self.touched_N = counts_F.nonzero().squeeze(1)
-        self.dense = indices_BK.shape[1] >= _DENSE_BLOCK_MIN_FILL * self.touched_N.numel()
+        num_touched = self.touched_N.numel()
+        self.dense = indices_E.numel() >= _DENSE_BLOCK_MIN_FILL * num_touched * selection.batch_size
         if self.dense:
             local_F = torch.empty_like(counts_F)
-            local_F[self.touched_N] = torch.arange(self.touched_N.numel(), device=indices_BK.device)
-            self.local_BK = local_F[indices_BK]
+            local_F[self.touched_N] = torch.arange(num_touched, device=indices_E.device)
+            self.local_E = local_F[indices_E]
         else:
             # Entries sorted by latent, each remembering its batch row: latent f's entries are
             # ``order[offsets[f]:offsets[f + 1]]``. A stable sort of int32 keys runs about 3x faster than
             # ``argsort`` of the int64 indices on the bench machine (1M AuxK entries: 100 against 309 ms under
             # load), and its order does not depend on the thread count.
-            keys = flat_indices.to(torch.int32) if num_latents <= torch.iinfo(torch.int32).max else flat_indices
+            keys = indices_E.to(torch.int32) if num_latents <= torch.iinfo(torch.int32).max else indices_E
             self.order = torch.sort(keys, stable=True).indices
             self.offsets = torch.cat([counts_F.new_zeros(1), counts_F.cumsum(0)])
-            self.batch_rows = self.order // indices_BK.shape[1]
+            self.batch_rows = selection.rows_E[self.order]
 
-    def transposed_matmul(self, values_BK: Tensor, rows_BD: Tensor) -> Tensor:
-        """(F, D): row f is the sum of ``values_BK[b, j] * rows_BD[b]`` over the entries with ``indices_BK[b, j] == f``."""
+    def transposed_matmul(self, values_E: Tensor, rows_BD: Tensor) -> Tensor:
+        """(F, D): row f is the sum of ``values_E[e] * rows_BD[rows_E[e]]`` over the entries with ``indices_E[e] == f``."""
         batch_size, d = rows_BD.shape
         if self.dense:
-            block_BN = values_BK.new_zeros(batch_size, self.touched_N.numel())
-            block_BN.scatter_add_(1, self.local_BK, values_BK)
-            out_FD = rows_BD.new_zeros(self.num_latents, d)
+            block_BN = values_E.new_zeros(batch_size, self.touched_N.numel())
+            # A flat scatter_add: about 3x faster than index_put_(accumulate=True) on the bench machine (AuxK).
+            positions_E = self.selection.rows_E * self.touched_N.numel() + self.local_E
+            block_BN.view(-1).scatter_add_(0, positions_E, values_E)
+            out_FD = rows_BD.new_zeros(self.selection.num_latents, d)
             out_FD.index_copy_(0, self.touched_N, block_BN.T @ rows_BD)
             return out_FD
         # One bag per latent over the batch rows of its entries: embedding_bag's kernel runs this about 1.6x
@@ -141,49 +144,84 @@ class _SelectionPattern:
             self.batch_rows,
             rows_BD,
             self.offsets,
-            per_sample_weights=values_BK.flatten()[self.order],
+            per_sample_weights=values_E[self.order],
             mode="sum",
             include_last_offset=True,
         )
 
     def sampled_dot(self, rows_BD: Tensor, W_FD: Tensor) -> Tensor:
-        """(B, K): entry (b, j) is ``rows_BD[b] . W_FD[indices_BK[b, j]]``."""
+        """(E,): entry e is ``rows_BD[rows_E[e]] . W_FD[indices_E[e]]``."""
         if self.dense:
             # (N, D) @ (D, B) rather than (B, D) @ (D, N): BLAS runs about 1.4x faster with the odd-sized N
             # as the rows of the output than as its columns (bench shapes, N = 819).
-            return (W_FD[self.touched_N] @ rows_BD.T).T.gather(1, self.local_BK)
-        batch_size, k = self.indices_BK.shape
+            dots_NB = W_FD[self.touched_N] @ rows_BD.T
+            return dots_NB.view(-1)[self.local_E * rows_BD.shape[0] + self.selection.rows_E]
+        selection = self.selection
         # torch's CPU sampled_addmm takes float32 and float64 only; half precision goes through float32.
         compute_dtype = torch.promote_types(rows_BD.dtype, torch.float32)
         pattern_BF = _csr(
-            torch.arange(0, batch_size * k + 1, k, device=rows_BD.device),
-            self.indices_BK.flatten(),
-            rows_BD.new_zeros(batch_size * k, dtype=compute_dtype),
-            (batch_size, self.num_latents),
+            selection.row_offsets,
+            selection.indices_E,
+            rows_BD.new_zeros(selection.indices_E.numel(), dtype=compute_dtype),
+            (selection.batch_size, selection.num_latents),
         )
         dots = torch.sparse.sampled_addmm(pattern_BF, rows_BD.to(compute_dtype), W_FD.T.to(compute_dtype))
-        return dots.values().view(batch_size, k).to(rows_BD.dtype)
+        return dots.values().to(rows_BD.dtype)
 
 
 class Selection:
-    """The latents ``indices_BK`` each row selected, with the ``_SelectionPattern`` both sparse backwards of
-    one forward use: built on first use and shared, so the encoder's and the decoder's backward do not each
-    sort the same indices again."""
+    """The latents each row of a batch selected, stored flat: entry e is latent ``indices_E[e]`` of row
+    ``rows_E[e]``, rows in order, row b's entries at ``row_offsets[b]:row_offsets[b + 1]`` (CSR). Values
+    over a selection have its ``shape``: (B, K) when every row selects K (``Selection(indices_BK, F)``), (E,)
+    when rows select different numbers (``Selection.ragged``, BatchTopK), so no row is padded for the kernels.
+
+    Holds the ``_SelectionPattern`` both sparse backwards of one forward use: built on first use and shared,
+    so the encoder's and the decoder's backward do not each sort the same indices again."""
 
     def __init__(self, indices_BK: Tensor, num_latents: int) -> None:
+        batch_size, k = indices_BK.shape
         self.indices_BK = indices_BK
+        self.shape = indices_BK.shape
+        self.indices_E = indices_BK.flatten()
+        self.batch_size = batch_size
         self.num_latents = num_latents
+        self.row_offsets = torch.arange(0, batch_size * k + 1, k, device=indices_BK.device)
+        self._rows_E: Tensor | None = None
         self._pattern: _SelectionPattern | None = None
+
+    @classmethod
+    def ragged(cls, rows_E: Tensor, indices_E: Tensor, batch_size: int, num_latents: int) -> Selection:
+        """The selection of latent ``indices_E[e]`` in row ``rows_E[e]``, entries listed by row (``rows_E``
+        non-decreasing, as ``nonzero`` lists them); rows may hold different numbers."""
+        counts_B = torch.bincount(rows_E, minlength=batch_size)
+        selection = cls.__new__(cls)
+        selection.indices_BK = None
+        selection.shape = indices_E.shape
+        selection.indices_E = indices_E
+        selection.batch_size = batch_size
+        selection.num_latents = num_latents
+        selection.row_offsets = torch.cat([counts_B.new_zeros(1), counts_B.cumsum(0)])
+        selection._rows_E = rows_E
+        selection._pattern = None
+        return selection
+
+    @property
+    def rows_E(self) -> Tensor:
+        """(E,) the batch row of each entry (a ragged selection is given it; K per row computes it once)."""
+        if self._rows_E is None:
+            self._rows_E = torch.arange(self.batch_size, device=self.indices_E.device).repeat_interleave(self.shape[1])
+        return self._rows_E
 
     @property
     def pattern(self) -> _SelectionPattern:
         if self._pattern is None:
-            self._pattern = _SelectionPattern(self.indices_BK, self.num_latents)
+            self._pattern = _SelectionPattern(self)
         return self._pattern
 
 
 class _GatherPreActs(torch.autograd.Function):
-    """``pre_acts_BF.gather(1, indices_BK)``, differentiable in x, ``W_enc``, ``b_enc``, ``b_dec`` by a sparse backward.
+    """``pre_acts_BF`` at the selected entries, differentiable in x, ``W_enc``, ``b_enc``, ``b_dec`` by a sparse
+    backward.
 
     The forward reads the dense pre-activations the encoder computed without autograd; the backward touches
     only the selected latents: ``W_enc``'s gradient is a transposed sparse product, ``b_enc``'s an
@@ -195,17 +233,19 @@ class _GatherPreActs(torch.autograd.Function):
     def forward(ctx, x_BD, W_enc_FD, b_enc_F, b_dec_D, pre_acts_BF, selection):
         ctx.selection = selection
         ctx.save_for_backward(x_BD, W_enc_FD, b_dec_D)
-        return pre_acts_BF.gather(1, selection.indices_BK)
+        if selection.indices_BK is not None:
+            return pre_acts_BF.gather(1, selection.indices_BK)  # about 4x faster than indexing by (row, latent)
+        return pre_acts_BF[selection.rows_E, selection.indices_E]
 
     @staticmethod
-    def backward(ctx, grad_BK):
+    def backward(ctx, grad):
         x_BD, W_enc_FD, b_dec_D = ctx.saved_tensors
-        indices_BK = ctx.selection.indices_BK
-        grad_BK = grad_BK.contiguous()
+        selection = ctx.selection
+        grad_E = grad.reshape(-1)
         grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
-        grad_b_enc_F = W_enc_FD.new_zeros(W_enc_FD.shape[0]).index_add_(0, indices_BK.flatten(), grad_BK.flatten())
+        grad_b_enc_F = W_enc_FD.new_zeros(W_enc_FD.shape[0]).index_add_(0, selection.indices_E, grad_E)
         if ctx.needs_input_grad[1]:
-            grad_W_enc = ctx.selection.pattern.transposed_matmul(grad_BK, x_BD - b_dec_D)
+            grad_W_enc = selection.pattern.transposed_matmul(grad_E, x_BD - b_dec_D)
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad_b_enc_F
         if ctx.needs_input_grad[3]:
@@ -213,41 +253,58 @@ class _GatherPreActs(torch.autograd.Function):
             # (openai/sparse_autoencoder train.py: "pre_bias grad optimization").
             grad_b_dec = -(grad_b_enc_F @ W_enc_FD)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices_BK, W_enc_FD, per_sample_weights=grad_BK, mode="sum")
+            grad_x = _bag_sum(selection, W_enc_FD, grad_E)
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None
 
 
+def _bag_sum(selection: Selection, W_FD: Tensor, weights_E: Tensor) -> Tensor:
+    """(B, D): row b is the sum of ``weights_E[e] * W_FD[indices_E[e]]`` over row b's entries."""
+    return F.embedding_bag(
+        selection.indices_E,
+        W_FD,
+        selection.row_offsets,
+        per_sample_weights=weights_E,
+        mode="sum",
+        include_last_offset=True,
+    )
+
+
 class _SparseDecode(torch.autograd.Function):
-    """``sum_j acts_BK[b, j] * W_dec_FD[indices_BK[b, j]]``: an ``embedding_bag`` forward and a sparse backward.
+    """``sum_j acts[b, j] * W_dec_FD[indices[b, j]]``: an ``embedding_bag`` forward and a sparse backward.
 
     torch's own ``embedding_bag`` backward with ``per_sample_weights`` took about 31 ms (top-k) and 154 ms
     (AuxK) per bench step on CPU, against about 13 ms and 40 ms through ``_SelectionPattern``.
     """
 
     @staticmethod
-    def forward(ctx, acts_BK, selection, W_dec_FD):
+    def forward(ctx, acts, selection, W_dec_FD):
+        acts_E = acts.reshape(-1)
         ctx.selection = selection
-        ctx.save_for_backward(acts_BK, W_dec_FD)
-        return F.embedding_bag(selection.indices_BK, W_dec_FD, per_sample_weights=acts_BK, mode="sum")
+        ctx.save_for_backward(acts_E, W_dec_FD)
+        return _bag_sum(selection, W_dec_FD, acts_E)
 
     @staticmethod
     def backward(ctx, grad_BD):
-        acts_BK, W_dec_FD = ctx.saved_tensors
+        acts_E, W_dec_FD = ctx.saved_tensors
         grad_BD = grad_BD.contiguous()
-        pattern = ctx.selection.pattern
-        grad_acts = pattern.sampled_dot(grad_BD, W_dec_FD) if ctx.needs_input_grad[0] else None
-        grad_W_dec = pattern.transposed_matmul(acts_BK, grad_BD) if ctx.needs_input_grad[2] else None
+        selection = ctx.selection
+        grad_acts = None
+        if ctx.needs_input_grad[0]:
+            grad_acts = selection.pattern.sampled_dot(grad_BD, W_dec_FD).view(selection.shape)
+        grad_W_dec = selection.pattern.transposed_matmul(acts_E, grad_BD) if ctx.needs_input_grad[2] else None
         return grad_acts, None, grad_W_dec
 
 
 def gather_pre_acts(
     x_BD: Tensor, W_enc_FD: Tensor, b_enc_F: Tensor, b_dec_D: Tensor, pre_acts_BF: Tensor, selection: Selection
 ) -> Tensor:
-    """(B, K) ``pre_acts_BF`` at the selected latents, where ``pre_acts_BF = (x - b_dec) W_enc^T + b_enc`` was
-    computed without autograd: differentiable in x, ``W_enc``, ``b_enc`` and ``b_dec`` by the sparse backward."""
+    """``pre_acts_BF`` at the selected entries, in the selection's ``shape``, where ``pre_acts_BF = (x - b_dec)
+    W_enc^T + b_enc`` was computed without autograd: differentiable in x, ``W_enc``, ``b_enc`` and ``b_dec`` by
+    the sparse backward."""
     return _GatherPreActs.apply(x_BD, W_enc_FD, b_enc_F, b_dec_D, pre_acts_BF, selection)
 
 
-def sparse_decode(acts_BK: Tensor, selection: Selection, W_dec_FD: Tensor) -> Tensor:
-    """(B, D) ``sum_j acts_BK[b, j] * W_dec_FD[indices_BK[b, j]]`` without a (B, F) matrix, forward or backward."""
-    return _SparseDecode.apply(acts_BK, selection, W_dec_FD)
+def sparse_decode(acts: Tensor, selection: Selection, W_dec_FD: Tensor) -> Tensor:
+    """(B, D) the sum over each row's entries of ``acts * W_dec_FD[latent]`` (``acts`` in the selection's
+    ``shape``) without a (B, F) matrix, forward or backward."""
+    return _SparseDecode.apply(acts, selection, W_dec_FD)

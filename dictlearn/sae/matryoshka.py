@@ -14,7 +14,7 @@ from torch import Tensor
 
 from dictlearn.errors import UserError
 from dictlearn.sae.base import StepContext
-from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE
+from dictlearn.sae.batchtopk import BatchTopKObjective, BatchTopKSAE, padded_codes
 from dictlearn.sae.losses import fvu
 
 
@@ -71,8 +71,8 @@ class MatryoshkaObjective(BatchTopKObjective):
         self.group_weights = group_weights
 
     def reconstruction(self, sae: MatryoshkaSAE, x_BD: Tensor, y_BD: Tensor, ctx: StepContext):
-        codes, selection = self.forward_selected(sae, x_BD)
-        group_BK = torch.bucketize(codes.indices, sae.group_sizes.cumsum(0), right=True)
+        values_E, selection, pre_acts_BF = self.forward_selected(sae, x_BD)
+        group_E = torch.bucketize(selection.indices_E, sae.group_sizes.cumsum(0), right=True)
         x_hat_BD = sae.b_dec.expand_as(y_BD)
         if sae.W_skip is not None:
             x_hat_BD = x_hat_BD + x_BD @ sae.W_skip.T
@@ -80,9 +80,9 @@ class MatryoshkaObjective(BatchTopKObjective):
         terms = {}
         for group, weight in enumerate(self.group_weights):
             # Each group's part of the decode shares the selection's sparse backward pattern.
-            x_hat_BD = x_hat_BD + sae.decode_without_bias(codes.values * (group_BK == group), selection)
+            x_hat_BD = x_hat_BD + sae.decode_without_bias(values_E * (group_E == group), selection)
             group_fvu = fvu(y_BD, x_hat_BD, ctx.ranks)
             loss = loss + weight * group_fvu
             terms[f"fvu_prefix_{group}"] = group_fvu
         terms["fvu"] = group_fvu
-        return codes, x_hat_BD, loss, terms
+        return padded_codes(values_E, selection, pre_acts_BF), x_hat_BD, loss, terms
