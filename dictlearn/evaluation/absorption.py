@@ -8,11 +8,13 @@ run as SAEBench's absorption evaluation runs it, offline on words from the model
 3. The SAE's main latents for L come from k-sparse probing: latents ranked by mean activation on L-words minus
    on the others, a 1-D probe fitted on the top k for k = 1, 2, ...; the main latents are the top k at the first
    k where adding one more latent raises F1 by less than ``f1_jump`` (SAEBench: tau_fs = 0.03).
-4. A test word of letter L that the probe classifies correctly is *absorbed* when none of L's main latents fire
-   on it and an active non-main latent, whose decoder row has cosine at least ``cos_min`` with the probe
-   direction (SAEBench: 0.025), carries at least ``min_share`` of the active latents' positive contributions
-   ``value * (W_dec[j] . probe)`` along the probe direction: the letter is still in the activation, the
-   letter's latents are silent, and another latent carries the direction instead.
+4. A test word of letter L that the probe classifies correctly is *fully absorbed* (SAEBench's
+   ``FeatureAbsorptionCalculator._is_full_absorption``) when none of L's main latents fire on it, and the active
+   latent with the largest probe projection ``value * cos(W_dec[j], probe)`` has cosine at least ``cos_min``
+   with the probe direction (SAEBench: 0.025) and a projection at least ``min_share`` (SAEBench's
+   ``probe_projection_proportion_threshold``, 0.4) of the activation's own projection ``x . probe`` (which
+   must be positive): the letter is still in the activation, the letter's latents are silent, and one other
+   latent carries the direction instead.
 
 Shape letters: N words, D input width, C classes, P probe inputs, F latents, K active latents per row.
 """
@@ -144,7 +146,7 @@ def first_letter_absorption(
     max_k: int = 10,
     f1_jump: float = 0.03,
     cos_min: float = 0.025,
-    min_share: float = 0.5,
+    min_share: float = 0.4,
     min_words: int = 10,
     seed: int = 0,
     on_class: Callable[[int], None] = lambda _n: None,
@@ -178,6 +180,7 @@ def first_letter_absorption(
         probe_D = F.normalize(W_probe_CD[letter], dim=0)
         cos_F = unit_dec_FD @ probe_D
         cases = torch.nonzero(test_N & positive_N & (predicted_N == letter)).flatten()
+        projection_N = acts_ND.float().cpu() @ probe_D
         absorbing, false_negatives = Counter(), 0
         for row in cases.tolist():
             active = values_NK[row] != 0
@@ -185,13 +188,12 @@ def first_letter_absorption(
             if any(latent in main for latent in latents.tolist()):
                 continue
             false_negatives += 1
-            contributions = values * (W_dec_FD[latents].float().cpu() @ probe_D)
-            positive_total = float(contributions.clamp_min(0).sum())
-            if positive_total <= 0:
+            if not len(latents) or projection_N[row] <= 0:
                 continue
-            best = int(contributions.argmax())
+            projections = values * cos_F[latents]
+            best = int(projections.argmax())
             latent = int(latents[best])
-            if cos_F[latent] >= cos_min and float(contributions[best]) >= min_share * positive_total:
+            if cos_F[latent] >= cos_min and float(projections[best]) >= min_share * float(projection_N[row]):
                 absorbing[latent] += 1
         rate = sum(absorbing.values()) / len(cases) if len(cases) else 0.0
         rates.append(rate)
