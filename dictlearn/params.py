@@ -131,11 +131,13 @@ class TopKParams(TopKFamilyParams):
 
 class BatchTopKParams(TopKFamilyParams):
     architecture: Literal["batchtopk"] = Field("batchtopk", description="BatchTopK (Bussmann et al. 2024).")
-    threshold_beta: float = Field(
-        0.999,
+    threshold_beta: float | None = Field(
+        None,
         gt=0,
         lt=1,
-        description="Decay of the running inference threshold (dictionary_learning's threshold_beta).",
+        description="Decay of the running inference threshold; null: dictionary_learning's 0.999 when it is "
+        "estimated over 4,000 steps or more, else the decay whose memory is a quarter of the steps it is estimated "
+        "over.",
     )
     threshold_start_fraction: float | None = Field(
         None,

@@ -17,7 +17,7 @@ from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.losses import fvu
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
 from dictlearn.sae.registry import build_objective
-from dictlearn.sae.topk import TopKSAE, threshold_start_step
+from dictlearn.sae.topk import TopKSAE, threshold_beta, threshold_start_step
 from dictlearn.training.step import train_step
 
 # shared/ sits beside the main checkout (parents[2] of tests/) or above a worktree's folder.
@@ -140,6 +140,10 @@ def test_threshold_start_follows_dictionary_learning_and_a_short_run_starts_at_i
     # must set it too, not save -1.
     topk = build_objective(parse_params({}).sae, TopKSAE(16, 64, 4), total_steps=220)
     assert topk.threshold_start_step == 110
+    # Its decay: dictionary_learning's 0.999 over long estimates, a memory of a quarter of a short one.
+    assert threshold_beta(None, 1000, 100_000) == 0.999 and threshold_beta(None, 1000, 5000) == 0.999
+    assert threshold_beta(None, 110, 220) == pytest.approx(1 - 1 / 27.5) and threshold_beta(0.5, 110, 220) == 0.5
+    assert topk.threshold_beta == objective.threshold_beta == pytest.approx(1 - 1 / 27.5)
 
 
 @pytest.mark.parametrize("fraction", [1.0, -0.1])

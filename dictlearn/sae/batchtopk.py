@@ -131,8 +131,7 @@ class BatchTopKObjective(TopKObjective):
     start of 0 estimates from the first step (``dictlearn.sae.topk.threshold_start_step`` gives the default)."""
 
     def __init__(self, aux_k: int, aux_coef: float, threshold_beta: float, threshold_start_step: int) -> None:
-        super().__init__(aux_k, aux_coef, threshold_start_step)
-        self.threshold_beta = threshold_beta
+        super().__init__(aux_k, aux_coef, threshold_start_step, threshold_beta)
 
     def forward_selected(self, sae: BatchTopKSAE, x_BD: Tensor) -> tuple[Tensor, Selection, Tensor]:
         """(values_E, selection, pre_acts_BF): the batch top-k of ``x_BD`` as a ragged selection and its

@@ -20,7 +20,7 @@ from dictlearn.sae.gated import GatedObjective, GatedSAE
 from dictlearn.sae.jumprelu import JumpReLUObjective, JumpReLUSAE
 from dictlearn.sae.matryoshka import MatryoshkaObjective, MatryoshkaSAE, group_sizes_from_fractions
 from dictlearn.sae.relu import APRIL2024_DECODER_NORM, DEFAULT_L1_COEFFICIENT, ReLUObjective, ReLUSAE
-from dictlearn.sae.topk import TopKFamilySAE, TopKObjective, TopKSAE, threshold_start_step
+from dictlearn.sae.topk import TopKFamilySAE, TopKObjective, TopKSAE, threshold_beta, threshold_start_step
 
 
 def default_aux_k(d_in: int) -> int:
@@ -65,8 +65,12 @@ def _build_topk_family(sae_class: type[TopKFamilySAE]) -> Callable[..., SparseAu
 
 
 def _topk_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Objective:
+    start = threshold_start_step(None, total_steps)
     return TopKObjective(
-        sae_params.aux_k or default_aux_k(sae.d_in), sae_params.aux_coef, threshold_start_step(None, total_steps)
+        sae_params.aux_k or default_aux_k(sae.d_in),
+        sae_params.aux_coef,
+        start,
+        threshold_beta(None, start, total_steps),
     )
 
 
@@ -104,11 +108,12 @@ def _gated_objective(sae_params, sae: SparseAutoencoder, total_steps: int) -> Ob
 
 
 def _batchtopk_objective_kwargs(sae_params, sae: SparseAutoencoder, total_steps: int) -> dict[str, Any]:
+    start = threshold_start_step(sae_params.threshold_start_fraction, total_steps)
     return {
         "aux_k": sae_params.aux_k or default_aux_k(sae.d_in),
         "aux_coef": sae_params.aux_coef,
-        "threshold_beta": sae_params.threshold_beta,
-        "threshold_start_step": threshold_start_step(sae_params.threshold_start_fraction, total_steps),
+        "threshold_beta": threshold_beta(sae_params.threshold_beta, start, total_steps),
+        "threshold_start_step": start,
     }
 
 
