@@ -31,10 +31,6 @@ VARIANTS: dict[str, dict] = {
     "gated": {"sae": {"architecture": "gated"}},
     "relu": {"sae": {"architecture": "relu"}},
     "relu+resampling": {"sae": {"architecture": "relu", "resample_every": 25}},
-    # A penalty strong enough to kill latents, with and without Bricken et al.'s resampling: the default L1 leaves
-    # none dead on this data, so the pair above cannot show what resampling does.
-    "relu l1=20": {"sae": {"architecture": "relu", "l1_coefficient": 20}},
-    "relu l1=20+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 20, "resample_every": 25}},
     "relu april2024": {"sae": {"architecture": "relu", "recipe": "april2024"}},
     "topk transcoder": {
         "hook": "blocks.6.ln2.hook_normalized",

@@ -175,8 +175,9 @@ class ReLUParams(SAECommon):
     l1_coefficient: float | None = Field(
         None,
         gt=0,
-        description="L1 penalty coefficient on inputs scaled to E||x||^2 = d_in; default 5 for both recipes "
-        "(the April 2024 update's lambda; the same number for unit-norm decoder rows).",
+        description="L1 penalty coefficient on inputs scaled to E||x||^2 = d_in; default 5 for april2024 (the "
+        "April 2024 update's lambda) and 0.5 for bricken2023 (the same penalty per unit of activation on unit-norm "
+        "decoder rows as april2024's at its initial decoder norm 0.1).",
     )
     l1_warmup_fraction: float = Field(
         0.05, ge=0, lt=1, description="Linear warm-up of the L1 coefficient from 0, as a fraction of steps."

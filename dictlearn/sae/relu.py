@@ -29,12 +29,13 @@ Recipe = Literal["bricken2023", "april2024"]
 
 # Default L1 coefficients, for inputs scaled to E||x||^2 = d_in (``Objective.normalize_inputs``) and the loss
 # ``sum_D (x - x_hat)^2`` averaged over rows. April 2024 update, "Training SAEs": lambda = 5 with that scaling
-# and the decoder-norm-weighted penalty. With unit-norm decoder rows the two penalties are the same number, so
-# bricken2023 starts from the same value (dictionary_learning's StandardTrainer default, 0.1, belongs to its
-# unscaled inputs). On SmolLM2-135M blocks.6.hook_resid_post, 4608 latents, lr 1e-3, batch 4096, only 48 steps
-# (200k tokens, still converging; L0 falling fast): bricken2023 held-out L0 206, FVU 0.50; april2024 L0 481,
-# FVU 0.30. Longer runs are needed to read the converged L0 of this default.
-DEFAULT_L1_COEFFICIENT: dict[str, float] = {"bricken2023": 5.0, "april2024": 5.0}
+# and the decoder-norm-weighted penalty ``lambda * f_i * ||W_dec,i||``, on decoder rows that start at norm 0.1
+# (``APRIL2024_DECODER_NORM``): 0.5 per unit of activation at initialisation. bricken2023 keeps its decoder rows
+# at norm 1, so its lambda is 0.5 for the same penalty per unit of activation (dictionary_learning's
+# StandardTrainer default, 0.1, belongs to its unscaled inputs). With 5 as well, on SmolLM2-135M
+# blocks.6.hook_resid_post (4608 latents, lr 1e-3, batch 4096, 100 steps) bricken2023 collapsed to held-out L0
+# 1.3 and FVU 0.50 (``bench/architectures.py``).
+DEFAULT_L1_COEFFICIENT: dict[str, float] = {"bricken2023": 0.5, "april2024": 5.0}
 
 # April 2024 update, "Training SAEs": decoder columns start in random directions with a fixed L2 norm of
 # 0.05 to 1 ("we use 0.1"), the encoder as the decoder's transpose, zero biases.
