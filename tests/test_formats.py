@@ -20,7 +20,7 @@ from dictlearn.formats.detect import open_any
 from dictlearn.formats.remote import openai_url
 from dictlearn.formats.run_folder import check_dictionary_matches, load_dictionary
 from dictlearn.sae.base import SparseCodes, StepContext, codes_to_dense
-from dictlearn.sae.batchtopk import BatchTopKObjective
+from dictlearn.sae.batchtopk import BatchTopKObjective, padded_codes
 from dictlearn.sae.registry import ARCHITECTURES
 from dictlearn.sae.topk import TopKObjective, TopKSAE, layer_norm_rows
 from tests.conftest import word_tokenizer, write_corpus
@@ -114,8 +114,11 @@ def test_dictionary_learning_extras():
         path, reference = _case(case)
         sae, _ = open_any(path)
         with torch.no_grad():  # the batch top-k is the training forward, the objective's
-            codes, selection = BatchTopKObjective(1, 0.0, 0.999, 0).forward_selected(sae, reference["x"])
-            x_hat_BD = sae.decode_without_bias(codes.values, selection) + sae.b_dec
+            values_E, selection, pre_acts_BF = BatchTopKObjective(1, 0.0, 0.999, 0).forward_selected(
+                sae, reference["x"]
+            )
+            x_hat_BD = sae.decode_without_bias(values_E, selection) + sae.b_dec
+            codes = padded_codes(values_E, selection, pre_acts_BF)
         _assert_close(codes_to_dense(codes, sae.num_latents), reference["codes_batch_topk"], f"{case} batch top-k")
         _assert_close(x_hat_BD, reference["x_hat_batch_topk"], f"{case} batch top-k x_hat")
 
