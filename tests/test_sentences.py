@@ -51,7 +51,17 @@ def test_a_sentence_gets_the_same_code_alone_and_in_a_padded_batch(kind, per_tok
     alone = encode_sentences(lm, hook, sae, tokens[1:], batch_size=1, per_token=per_token)
     rows = together.sentence_R == 1
     torch.testing.assert_close(together.x_RD[rows], alone.x_RD, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(together.top_acts_RK[rows], alone.top_acts_RK, rtol=1e-4, atol=1e-4)
+
+    # Codes come in no particular order within a row (``top_k_indices``): compare them as dense rows.
+    def dense(acts_RK, indices_RK):
+        return torch.zeros(len(acts_RK), sae.num_latents).scatter(1, indices_RK, acts_RK)
+
+    torch.testing.assert_close(
+        dense(together.top_acts_RK[rows], together.top_indices_RK[rows]),
+        dense(alone.top_acts_RK, alone.top_indices_RK),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert torch.equal(together.top_indices_RK[rows].sort(1).values, alone.top_indices_RK.sort(1).values)
     # BOS is not text: a sentence row averages only its words; a token row is one word.
     expected_tokens = [1] * len(short.split()) if per_token else [len(short.split())]
