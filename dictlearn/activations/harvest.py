@@ -8,6 +8,7 @@ to several buffers (one per hook, or ``[input | target]`` pairs for transcoders)
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -47,12 +48,28 @@ def batched(iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+# Producers of ``prefetched`` generators still running: stopped and joined at exit (``_stop_producers``).
+_PRODUCERS: set[tuple[threading.Event, threading.Thread]] = set()
+
+
+@atexit.register
+def _stop_producers() -> None:
+    """Stop every producer an abandoned generator left running (a run stopped mid-stream, a test that stops a
+    trainer early) before the interpreter finalises: a daemon thread caught inside a torch call at shutdown is
+    unwound through C++ frames and aborts the process ("terminate called without an active exception")."""
+    for stop, _thread in list(_PRODUCERS):
+        stop.set()
+    for _stop, thread in list(_PRODUCERS):
+        thread.join(timeout=10)
+
+
 def prefetched(items: Iterator, depth: int = 2) -> Iterator:
     """Yield from ``items``, produced up to ``depth`` ahead in a background thread.
 
     Used to tokenise the next windows while the model runs on the current ones: the tokenizer and the
     forward both release the GIL, so on a GPU the harvest is no longer held up by tokenisation.
-    An exception in the producer is raised here; closing this generator stops the producer.
+    An exception in the producer is raised here; closing this generator stops the producer, and so does the
+    end of the process.
     """
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done, stop = object(), threading.Event()
@@ -77,7 +94,15 @@ def prefetched(items: Iterator, depth: int = 2) -> Iterator:
             failure.append(err)
         put(done)
 
-    producer = threading.Thread(target=produce, daemon=True)
+    def run() -> None:
+        try:
+            produce()
+        finally:
+            _PRODUCERS.discard(entry)
+
+    producer = threading.Thread(target=run, daemon=True)
+    entry = (stop, producer)
+    _PRODUCERS.add(entry)
     producer.start()
     try:
         while (item := buffer.get()) is not done:
