@@ -31,10 +31,12 @@ VARIANTS: dict[str, dict] = {
     "gated": {"sae": {"architecture": "gated"}},
     "relu": {"sae": {"architecture": "relu"}},
     "relu+resampling": {"sae": {"architecture": "relu", "resample_every": 25}},
-    # The default L1 leaves no latent dead here, so resampling has nothing to do; a penalty ten times stronger
-    # kills some, with and without Bricken et al.'s resampling.
+    # The default L1 leaves no latent dead here, so resampling has nothing to do; stronger penalties kill some,
+    # with and without Bricken et al.'s resampling.
     "relu l1=5": {"sae": {"architecture": "relu", "l1_coefficient": 5}},
     "relu l1=5+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 5, "resample_every": 25}},
+    "relu l1=2": {"sae": {"architecture": "relu", "l1_coefficient": 2}},
+    "relu l1=2+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 2, "resample_every": 25}},
     "relu april2024": {"sae": {"architecture": "relu", "recipe": "april2024"}},
     "topk transcoder": {
         "hook": "blocks.6.ln2.hook_normalized",
