@@ -37,6 +37,8 @@ VARIANTS: dict[str, dict] = {
     "relu l1=5+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 5, "resample_every": 25}},
     "relu l1=2": {"sae": {"architecture": "relu", "l1_coefficient": 2}},
     "relu l1=2+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 2, "resample_every": 25}},
+    "relu l1=3": {"sae": {"architecture": "relu", "l1_coefficient": 3}},
+    "relu l1=3+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 3, "resample_every": 25}},
     "relu april2024": {"sae": {"architecture": "relu", "recipe": "april2024"}},
     "topk transcoder": {
         "hook": "blocks.6.ln2.hook_normalized",
