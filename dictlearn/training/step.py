@@ -4,13 +4,15 @@ the rule that sets the gradient's scale before the optimiser sees it."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from dictlearn.sae.base import Objective, SparseAutoencoder, SparseCodes, StepContext
-from dictlearn.training.distributed import Distributed
+
+if TYPE_CHECKING:  # an annotation only: one step needs no process group, nor the LM loading it imports
+    from dictlearn.training.distributed import Distributed
 
 GradientNormalization = Literal["unit", "running", "none"]
 
