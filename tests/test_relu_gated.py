@@ -69,6 +69,8 @@ def _event(optimizer, dead_F, inputs_SD, step=5):
 
 def test_resampling_changes_only_the_dead_latents_and_their_adam_moments():
     sae, objective, optimizer = _trained_relu()
+    with torch.no_grad():
+        sae.b_dec.add_(2.0)  # far from zero, so that directions of x and of x - b_dec differ
     dead_F = torch.zeros(F_LATENTS, dtype=torch.bool)
     dead_F[[3, 7, 12]] = True
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
@@ -91,15 +93,44 @@ def test_resampling_changes_only_the_dead_latents_and_their_adam_moments():
             assert torch.equal(state[dead_F], torch.zeros_like(state[dead_F])), (name, key)
     assert torch.equal(sae.b_dec, before["b_dec"])
     assert torch.equal(optimizer.state[sae.b_dec]["exp_avg"], moments["b_dec"]["exp_avg"])
-    # Decoder rows: unit-norm directions of sampled inputs; encoder rows: the same directions, 0.2 x the mean
-    # alive encoder norm; encoder biases zero.
+    # Decoder rows: unit-norm directions of sampled inputs as the encoder sees them (x - b_dec); encoder rows:
+    # the same directions, 0.2 x the mean alive encoder norm; encoder biases zero.
     W_dec_ND = sae.W_dec[dead_F]
     torch.testing.assert_close(W_dec_ND.norm(dim=1), torch.ones(3))
-    cosines_NS = W_dec_ND @ F.normalize(inputs_SD, dim=1).T
+    cosines_NS = W_dec_ND @ F.normalize(inputs_SD - sae.b_dec.detach(), dim=1).T
     assert torch.allclose(cosines_NS.max(1).values, torch.ones(3))
     alive_norm = before["W_enc"][alive_F].norm(dim=1).mean()
     torch.testing.assert_close(sae.W_enc[dead_F], W_dec_ND * 0.2 * alive_norm)
     assert torch.equal(sae.b_enc[dead_F], torch.zeros(3))
+
+
+def test_resampled_directions_are_centred_so_they_do_not_add_up_on_a_shared_mean():
+    """Inputs with a large shared mean, as residual streams have, and b_dec at that mean (where the geometric
+    median puts it): directions of x - b_dec leave the reconstruction better than before resampling half the
+    latents; the raw inputs' directions (all close to the mean) would add up and make it worse (FVU 1.05 -> 1.31
+    here, against 0.70)."""
+    torch.manual_seed(0)
+    d_in, latents = 32, 64
+    sae = ReLUSAE(d_in, latents, seed=0)
+    g = torch.Generator().manual_seed(0)
+    mean_D = 4.0 * d_in**0.5 * F.normalize(torch.randn(d_in, generator=g), dim=0)
+    inputs_SD = mean_D + torch.randn(4096, d_in, generator=g)
+    with torch.no_grad():
+        sae.b_dec.copy_(mean_D)
+    objective = ReLUObjective("bricken2023", 0.1, 0.0, 100, resample_every=5, resample_rows=1024)
+    dead_F = torch.zeros(latents, dtype=torch.bool)
+    dead_F[::2] = True
+    variance = (inputs_SD - inputs_SD.mean(0)).pow(2).sum(1).mean()
+
+    def fvu() -> float:
+        with torch.no_grad():
+            return float((inputs_SD - sae(inputs_SD).x_hat).pow(2).sum(1).mean() / variance)
+
+    before = fvu()
+    assert objective.scheduled_event(sae, _event(adam(sae, 1e-3), dead_F, inputs_SD))["resampled"] == 32
+    directions_ND = sae.W_dec.detach()[dead_F]
+    assert float(F.cosine_similarity(directions_ND, mean_D[None]).abs().mean()) < 0.5
+    assert fvu() < before
 
 
 def test_resampling_draws_the_inputs_the_sae_reconstructs_worst():
@@ -111,7 +142,7 @@ def test_resampling_draws_the_inputs_the_sae_reconstructs_worst():
     dead_F = torch.zeros(F_LATENTS, dtype=torch.bool)
     dead_F[5] = True
     assert objective.scheduled_event(sae, _event(optimizer, dead_F, inputs_SD))["resampled"] == 1
-    torch.testing.assert_close(sae.W_dec[5], F.normalize(inputs_SD[41], dim=0))
+    torch.testing.assert_close(sae.W_dec[5], F.normalize(torch.arange(D, dtype=torch.float32), dim=0))
 
 
 def test_resampling_runs_only_on_its_schedule_and_never_in_april2024():

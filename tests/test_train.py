@@ -20,7 +20,7 @@ from dictlearn.sae.base import SparseCodes
 from dictlearn.sae.registry import default_lr
 from dictlearn.sae.topk import TopKObjective, TopKSAE
 from dictlearn.training.step import GradientRule
-from dictlearn.training.trainer import DeadLatentTracker, Schedule, Trainer
+from dictlearn.training.trainer import DIVERGED_STEPS, DeadLatentTracker, Schedule, Trainer, left_the_basin
 
 D, F, K = 16, 64, 4
 
@@ -126,12 +126,23 @@ def test_a_finite_blow_up_stops_before_anything_is_saved(tmp_path):
     trainer.sae.init_b_dec_(trainer.buffer.peek(512))
     with pytest.raises(
         UserError,
-        match=r"training diverged at step \d+: FVU .* \(above 10 and 10x the best so far since step \d+\); no ae.pt",
+        match=r"training diverged at step \d+: FVU .* \(above 10 and 10x the best so far since step \d+, and not "
+        r"halving over the last 10 steps\); no ae.pt",
     ) as err:
         trainer.fit()
     assert "lower train.lr and run again with --" in str(err.value)
     # No checkpoint is written once the FVU has blown up: the last one predates the first bad step.
     assert trainer.last_checkpoint_step is None or trainer.last_checkpoint_step <= trainer.step - trainer.bad_steps
+
+
+def test_a_blown_up_fvu_that_keeps_halving_is_a_recovery_not_a_divergence():
+    # The FVU after Bricken et al.'s resampling of 404 latents at once (SmolLM2-135M, 16x, L1 2), step by step.
+    recovering = [305.0, 285.3, 214.8, 172.1, 147.0, 109.5, 83.2, 62.0, 37.0, 28.4, 18.4, 11.3]
+    assert not any(left_the_basin(recovering[: n + 1]) for n in range(len(recovering)))
+    flat = [1e14] * DIVERGED_STEPS
+    assert left_the_basin(flat) and not left_the_basin(flat[:-1])
+    assert left_the_basin([50.0] * (DIVERGED_STEPS - 1) + [float("nan")])
+    assert left_the_basin([100.0 * 0.95**step for step in range(DIVERGED_STEPS)])  # 37% down: not a recovery
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):

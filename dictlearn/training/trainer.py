@@ -116,11 +116,23 @@ RESUMABLE_CHANGES = {
 }
 
 # A step is blown up when its FVU is above this (10x worse than predicting the mean, FVU 1) and also this many
-# times the run's best FVU so far; this many such steps in a row is a run that has left the basin, not a noisy
-# batch. The second condition keeps a run that merely starts high (a transcoder whose unit-norm decoder
-# overshoots a small target) from being stopped while its FVU falls; lr 1000 sends it from ~1 to ~1e14.
+# times the run's best FVU so far; this many such steps in a row, with the FVU not even halving over them, is a
+# run that has left the basin, not a noisy batch. The second condition keeps a run that merely starts high (a
+# transcoder whose unit-norm decoder overshoots a small target) from being stopped while its FVU falls; lr 1000
+# sends it from ~1 to ~1e14. The third keeps a run that is recovering from a deliberate jolt: Bricken et al.'s
+# resampling gives each new latent a zero bias, so it fires on about half the inputs, and after 404 latents were
+# resampled at once (SmolLM2-135M, 16x, L1 2) the FVU went from 0.16 to 305, then fell 8-fold in 8 steps and was
+# back under 1 by step 20.
 DIVERGED_FVU = 10.0
 DIVERGED_STEPS = 10
+
+
+def left_the_basin(blown_up_fvus: list[float]) -> bool:
+    """Whether the FVUs of the current run of blown-up steps (see ``DIVERGED_FVU``) mean divergence: at least
+    ``DIVERGED_STEPS`` of them, and the last not below half the one ``DIVERGED_STEPS - 1`` steps before it."""
+    if len(blown_up_fvus) < DIVERGED_STEPS:
+        return False
+    return not blown_up_fvus[-1] < blown_up_fvus[-DIVERGED_STEPS] / 2  # a non-finite FVU has not halved
 
 
 def _changed_fields(before: dict, after: dict, prefix: str = "") -> list[str]:
@@ -180,6 +192,7 @@ class Trainer:
         self.input_scale = 1.0
         self.step = 0
         self.bad_steps = 0  # consecutive steps with a blown-up FVU (see DIVERGED_FVU)
+        self.blown_up_fvus: list[float] = []  # their FVUs, the last DIVERGED_STEPS of them
         self.best_fvu = math.inf
         self.tokens = 0
         self.metrics: list[dict] = []
@@ -346,7 +359,8 @@ class Trainer:
         what = (
             f"loss {loss}"
             if not math.isfinite(loss)
-            else f"FVU {fvu:.3g} (above {DIVERGED_FVU:g} and {DIVERGED_FVU:g}x the best so far since step {first_bad})"
+            else f"FVU {fvu:.3g} (above {DIVERGED_FVU:g} and {DIVERGED_FVU:g}x the best so far since step {first_bad}, "
+            f"and not halving over the last {DIVERGED_STEPS} steps)"
         )
         if self.last_checkpoint_step is not None:
             where = (
@@ -401,8 +415,9 @@ class Trainer:
         fvu = out.terms["fvu"]
         blown_up = not math.isfinite(fvu) or (fvu > DIVERGED_FVU and fvu > DIVERGED_FVU * self.best_fvu)
         self.bad_steps = self.bad_steps + 1 if blown_up else 0
+        self.blown_up_fvus = [*self.blown_up_fvus, fvu][-DIVERGED_STEPS:] if blown_up else []
         self.best_fvu = min(self.best_fvu, fvu) if math.isfinite(fvu) else self.best_fvu
-        if not math.isfinite(out.loss) or self.bad_steps >= DIVERGED_STEPS:
+        if not math.isfinite(out.loss) or left_the_basin(self.blown_up_fvus):
             raise UserError(self._divergence_message(out.loss, fvu))
         self.tracker.update(out.codes)
         self.step += 1
