@@ -5,6 +5,10 @@ rows in the same order), then prints one table: held-out FVU, L0, dead latents, 
 tokens/s, from each run's ``eval.json``. Usage (after ``make train`` has harvested the store):
 
     .venv/bin/python bench/architectures.py [--tokens 800000] [--out bench_runs/architectures] [--only relu,topk]
+        [--eval-tokens 115000]
+
+A latent counts as dead when it never fires on the evaluation's held-out tokens (16,384 by default): a rare
+latent can read as dead on so few; ``--eval-tokens`` takes more.
 """
 
 from __future__ import annotations
@@ -31,14 +35,12 @@ VARIANTS: dict[str, dict] = {
     "gated": {"sae": {"architecture": "gated"}},
     "relu": {"sae": {"architecture": "relu"}},
     "relu+resampling": {"sae": {"architecture": "relu", "resample_every": 25}},
-    # The default L1 leaves no latent dead here, so resampling has nothing to do; stronger penalties kill some,
-    # with and without Bricken et al.'s resampling.
-    "relu l1=5": {"sae": {"architecture": "relu", "l1_coefficient": 5}},
-    "relu l1=5+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 5, "resample_every": 25}},
-    "relu l1=2": {"sae": {"architecture": "relu", "l1_coefficient": 2}},
-    "relu l1=2+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 2, "resample_every": 25}},
-    "relu l1=3": {"sae": {"architecture": "relu", "l1_coefficient": 3}},
-    "relu l1=3+resampling": {"sae": {"architecture": "relu", "l1_coefficient": 3, "resample_every": 25}},
+    # The default L1 leaves no latent dead at 8x, so resampling has nothing to do there; 16x with L1 2 leaves a
+    # good share dead (and rarely firing), with and without Bricken et al.'s resampling.
+    "relu 16x l1=2": {"sae": {"architecture": "relu", "expansion_factor": 16, "l1_coefficient": 2}},
+    "relu 16x l1=2+resampling": {
+        "sae": {"architecture": "relu", "expansion_factor": 16, "l1_coefficient": 2, "resample_every": 25}
+    },
     "relu april2024": {"sae": {"architecture": "relu", "recipe": "april2024"}},
     "topk transcoder": {
         "hook": "blocks.6.ln2.hook_normalized",
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=800_000, help="training tokens of every variant")
     parser.add_argument("--out", default=str(REPO / "bench_runs" / "architectures"))
     parser.add_argument("--only", help="comma-separated variant names (default: all)")
+    parser.add_argument(
+        "--eval-tokens", type=int, help="held-out tokens of each run's evaluation (eval.tokens; default params')"
+    )
     args = parser.parse_args()
     base = json.loads(Path(args.params).read_text())
     chosen = args.only.split(",") if args.only else list(VARIANTS)
@@ -73,6 +78,7 @@ def main() -> None:
                 "run_name": run_name,
                 **variant.get("train", {}),
             },
+            "eval": {**base.get("eval", {}), **({"tokens": args.eval_tokens} if args.eval_tokens else {})},
         }
         if params["sae"]["architecture"] not in ("topk", "batchtopk", "matryoshka"):
             for key in ("k", "aux_k", "aux_coef"):
