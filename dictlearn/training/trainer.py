@@ -120,9 +120,10 @@ RESUMABLE_CHANGES = {
 # run that has left the basin, not a noisy batch. The second condition keeps a run that merely starts high (a
 # transcoder whose unit-norm decoder overshoots a small target) from being stopped while its FVU falls; lr 1000
 # sends it from ~1 to ~1e14. The third keeps a run that is recovering from a deliberate jolt: Bricken et al.'s
-# resampling gives each new latent a zero bias, so it fires on about half the inputs, and after 404 latents were
-# resampled at once (SmolLM2-135M, 16x, L1 2) the FVU went from 0.16 to 305, then fell 8-fold in 8 steps and was
-# back under 1 by step 20.
+# resampling gives each new latent a zero bias, so it fires on about half the inputs. On SmolLM2-135M (16x, L1 2)
+# 1,174 latents resampled at once sent the FVU from 0.13 to 25, back under 10 three steps later and under 1 after
+# 15; with the raw inputs' directions (``ReLUSAE.resample_latents_``) 404 latents sent it to 305, and it fell
+# 8-fold over the next 8 steps, which the rule without the third condition stopped as a divergence.
 DIVERGED_FVU = 10.0
 DIVERGED_STEPS = 10
 
