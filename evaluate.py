@@ -16,8 +16,14 @@ from tqdm import tqdm
 
 from dictlearn.cli import argument_parser, quiet_transformers, threads_from_env
 from dictlearn.errors import UserError, run_script
-from dictlearn.evaluation.compare import comparison_record, dictionaries_on_models, dictionary_label, find_dictionaries
-from dictlearn.evaluation.evaluate import evaluate_dictionary, full_size
+from dictlearn.evaluation.compare import (
+    comparison_record,
+    dictionaries_in_groups,
+    dictionaries_on_models,
+    dictionary_label,
+    find_dictionaries,
+)
+from dictlearn.evaluation.evaluate import evaluate_dictionaries, full_size
 from dictlearn.files import write_json
 from dictlearn.lm.text import check_source
 from dictlearn.params import load_params
@@ -44,27 +50,38 @@ def main() -> None:
     if len(folders) > 1 and not args.out:
         raise UserError(f"--out: {len(folders)} dictionaries to compare; name a folder for comparison.json")
     results = {}
-    for folder, opened in dictionaries_on_models(params, folders):
-        if opened.note:
-            print(opened.note)
-        size = full_size(opened.params)
-        result = evaluate_dictionary(
-            opened.lm, opened.hook, opened.sae, opened.params, size, progress, target_hook=opened.target_hook
+    for group in dictionaries_in_groups(dictionaries_on_models(params, folders)):
+        first = group[0][1]
+        size = full_size(first.params)
+        for _folder, opened in group:
+            if opened.note:
+                print(opened.note)
+        evaluations = evaluate_dictionaries(
+            first.lm,
+            first.hook,
+            [opened.sae for _folder, opened in group],
+            first.params,
+            size,
+            progress,
+            target_hook=first.target_hook,
         )
-        result["label"] = dictionary_label(opened.sae)
-        plot_density_histogram(result.pop("density").numpy(), folder)
-        write_json(folder / "eval.json", result)
-        if result["tokens"] < size.tokens or result.get("lm_loss_tokens", size.lm_loss_tokens) < size.lm_loss_tokens:
+        read = evaluations[0]  # one pass: every dictionary of the group read the same tokens
+        if read["tokens"] < size.tokens or read.get("lm_loss_tokens", size.lm_loss_tokens) < size.lm_loss_tokens:
             print(
-                f"note: the held-out text gave {result['tokens']:,} tokens ({result.get('lm_loss_tokens', 0):,} with the "
+                f"note: the held-out text gave {read['tokens']:,} tokens ({read.get('lm_loss_tokens', 0):,} with the "
                 f"LM loss), not the {size.tokens:,} ({size.lm_loss_tokens:,}) asked; more text or a smaller "
                 "data.held_out_every gives more"
             )
-        timing = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in result["seconds"].items())
-        print(f"{folder}: {timing}")
-        if len(folders) == 1:
-            print_table(evaluation_rows(result), headers=["evaluation", str(folder)])
-        results[str(folder)] = result
+        for (folder, opened), result in zip(group, evaluations, strict=True):
+            result["label"] = dictionary_label(opened.sae)
+            plot_density_histogram(result.pop("density").numpy(), folder)
+            write_json(folder / "eval.json", result)
+            shared = f" (one pass for {len(group)} dictionaries)" if len(group) > 1 else ""
+            timing = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in result["seconds"].items())
+            print(f"{folder}: {timing}{shared}")
+            if len(folders) == 1:
+                print_table(evaluation_rows(result), headers=["evaluation", str(folder)])
+            results[str(folder)] = result
     record = comparison_record(results)
     print_table(*comparison_table(record))
     if args.out:

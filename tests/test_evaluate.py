@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dictlearn.evaluation.absorption import first_letter_absorption, fit_logistic
-from dictlearn.evaluation.evaluate import LMLossSums, held_out_pass
+from dictlearn.evaluation.evaluate import LMLossSums, held_out_pass, held_out_passes
 from dictlearn.evaluation.metrics import ReconstructionMetrics, mean_max_cosine_similarity
 from dictlearn.lm.models import LanguageModel, resolve_hook
 from dictlearn.sae.topk import TopKSAE
@@ -150,6 +150,33 @@ def test_a_zero_reconstruction_gives_the_zero_ablation_values():
     assert result["kl_div_score"] == pytest.approx(0.0, abs=1e-5)
     assert result["fvu"] > 1 and result["explained_variance"] < 0  # 0 is worse than the mean
     assert result["l2_ratio"] == 0.0 and result["cossim"] == 0.0
+
+
+def test_dictionaries_evaluated_in_one_pass_match_each_alone_with_fewer_forwards():
+    lm = sharp_model(tiny_llama)
+    hook = resolve_hook(lm.model.config, "blocks.1.hook_resid_post")
+    width = lm.model.config.hidden_size
+    torch.manual_seed(0)
+    saes = [identity_sae(width), TopKSAE(width, 16, 4, seed=1), TopKSAE(width, 32, 2, seed=2)]
+    forwards = []
+    handle = lm.model.register_forward_pre_hook(lambda *_args: forwards.append(1))
+    options = {"batch_size": 4, "excluded_ids": torch.tensor([1]), "lm_loss_windows": 4}
+    alone = [held_out_pass(lm, hook, sae, iter(windows(8)), **options) for sae in saes]
+    forwards_alone = len(forwards)
+    forwards.clear()
+    together = held_out_passes(lm, hook, saes, iter(windows(8)), **options)
+    handle.remove()
+    # One LM batch (and one reconstruction batch, whose capture stops inside the model): alone, the whole model
+    # runs clean, spliced and zero-ablated for each; together, clean and zero-ablated once and a spliced run each.
+    assert (forwards_alone, len(forwards)) == (3 * 3, 2 + 3)
+    for one, shared in zip(alone, together, strict=True):
+        assert one.keys() == shared.keys()
+        for key, value in one.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, shared[key]), key
+            else:
+                assert shared[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert together[0]["ce_loss_score"] == pytest.approx(1.0, abs=1e-4) and together[1]["ce_loss_score"] < 0.99
 
 
 def test_logistic_probe_separates_separable_classes():

@@ -117,6 +117,41 @@ def test_dictionary_of_another_width_is_refused(tmp_path, tiny_checkpoint_with_t
     assert_one_line_error(result, r"dictionary .*wrong has width 48, but blocks.1.hook_resid_post of .* has width 32")
 
 
+def test_comparing_dictionaries_gives_each_the_figures_it_gets_alone(tmp_path, tiny_checkpoint_with_text):
+    """Dictionaries at one hook share evaluate.py's held-out pass; one at another hook gets its own."""
+    from dictlearn.sae.topk import TopKSAE
+
+    model, corpus = tiny_checkpoint_with_text
+    folders = {}
+    for name, sae, hook in (
+        ("a", TopKSAE(32, 64, 4, seed=1), "blocks.1.hook_resid_post"),
+        ("b", TopKSAE(32, 128, 8, seed=2), "blocks.1.hook_resid_post"),
+        ("c", TopKSAE(32, 64, 4, seed=3), "blocks.0.hook_resid_post"),
+    ):
+        folders[name] = tmp_path / "dicts" / name
+        folders[name].mkdir(parents=True)
+        write_dictionary(folders[name], sae, str(model), hook)
+    params = tiny_params(model, corpus, tmp_path)
+    params["eval"].update(evaluate_tokens=600, evaluate_lm_loss_tokens=120, absorption_words=0)
+    alone = {}
+    for name, folder in folders.items():
+        result = run("evaluate.py", params, tmp_path, "--dictionary", str(folder))
+        assert result.returncode == 0, result.stderr
+        alone[name] = json.loads((folder / "eval.json").read_text())
+    compared = run(
+        "evaluate.py", params, tmp_path, "--dictionary", str(tmp_path / "dicts"), "--out", str(tmp_path / "cmp")
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert compared.stdout.count("(one pass for 2 dictionaries)") == 2
+    record = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert sorted(record) == sorted(str(folder) for folder in folders.values())
+    for name, folder in folders.items():
+        together = json.loads((folder / "eval.json").read_text())
+        for key in ("fvu", "l0", "ce_loss_score", "kl_div_score", "tokens", "lm_loss_tokens"):
+            assert together[key] == pytest.approx(alone[name][key], rel=1e-6), (name, key)
+    assert alone["a"]["fvu"] != pytest.approx(alone["c"]["fvu"])  # the other hook's activations, not a's
+
+
 def test_training_from_a_missing_store_says_what_to_run(tmp_path, tiny_checkpoint_with_text):
     model, corpus = tiny_checkpoint_with_text
     result = run("training_script.py", tiny_params(model, corpus, tmp_path, source="store"), tmp_path)

@@ -3,7 +3,7 @@ language model (once per model), and the comparison record."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dictlearn.analysis.dictionary_on_model import DictionaryOnModel, open_dictionary
@@ -61,6 +61,31 @@ def dictionaries_on_models(params: Params, folders: list[Path]) -> Iterator[tupl
         opened = open_dictionary(params, folder, lm=lm)
         lm = opened.lm
         yield folder, opened
+
+
+def dictionaries_in_groups(
+    opened: Iterable[tuple[Path, DictionaryOnModel]],
+) -> Iterator[list[tuple[Path, DictionaryOnModel]]]:
+    """Runs of consecutive dictionaries that one held-out pass can evaluate together: the same loaded model, the
+    same hook (and target hook) and the same params."""
+    group: list[tuple[Path, DictionaryOnModel]] = []
+    for folder, dictionary in opened:
+        if group and not _one_pass(group[0][1], dictionary):
+            yield group
+            group = []
+        group.append((folder, dictionary))
+    if group:
+        yield group
+
+
+def _one_pass(a: DictionaryOnModel, b: DictionaryOnModel) -> bool:
+    target_a, target_b = (None if d.target_hook is None else d.target_hook.name for d in (a, b))
+    return (
+        a.lm is b.lm
+        and a.hook.name == b.hook.name
+        and target_a == target_b
+        and a.params.model_dump() == b.params.model_dump()
+    )
 
 
 def comparison_record(results: dict[str, dict]) -> dict:

@@ -11,7 +11,7 @@ The result's keys are SAEBench core's output names (``explained_variance``, ``ce
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from itertools import islice
 from math import nan
@@ -99,6 +99,26 @@ def reconstruct(sae, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return out.x_hat, out.codes.values, out.codes.indices
 
 
+class LMLossBatch:
+    """The terms of one batch that do not depend on the dictionary: the clean log-probabilities of the next
+    text token, and the clean and zero-ablated losses and the zero-ablated KL, summed."""
+
+    def __init__(self, clean_BTV, zero_BTV, input_ids_BT, text_BT):
+        self.positions_BT = text_BT[:, 1:]
+        self.targets_N = input_ids_BT[:, 1:][self.positions_BT]
+        self.clean_NV = self.log_probs(clean_BTV)
+        zero_NV = self.log_probs(zero_BTV)
+        self.sums = {
+            "clean": float(F.nll_loss(self.clean_NV, self.targets_N, reduction="sum")),
+            "zero": float(F.nll_loss(zero_NV, self.targets_N, reduction="sum")),
+            "kl_zero": float(F.kl_div(zero_NV, self.clean_NV, log_target=True, reduction="sum")),
+        }
+
+    def log_probs(self, logits_BTV: torch.Tensor) -> torch.Tensor:
+        """(N, V) log-probabilities at the predictions of text tokens."""
+        return logits_BTV[:, :-1][self.positions_BT].float().log_softmax(-1)
+
+
 class LMLossSums:
     """Sums of the next-token loss (clean, spliced, zero-ablated) and of the KL divergence of the spliced and
     zero-ablated next-token distributions from the clean one, over text targets.
@@ -116,16 +136,17 @@ class LMLossSums:
         self.sums = dict.fromkeys(("clean", "spliced", "zero", "kl_spliced", "kl_zero"), 0.0)
 
     def update(self, clean_BTV, spliced_BTV, zero_BTV, input_ids_BT, text_BT) -> None:
-        targets_N = input_ids_BT[:, 1:][text_BT[:, 1:]]
-        positions = text_BT[:, 1:]
-        clean_NV = clean_BTV[:, :-1][positions].float().log_softmax(-1)
-        for name, logits_BTV in (("clean", clean_BTV), ("spliced", spliced_BTV), ("zero", zero_BTV)):
-            log_p_NV = clean_NV if name == "clean" else logits_BTV[:, :-1][positions].float().log_softmax(-1)
-            self.sums[name] += float(F.nll_loss(log_p_NV, targets_N, reduction="sum"))
-            if name != "clean":
-                kl = F.kl_div(log_p_NV, clean_NV, log_target=True, reduction="sum")
-                self.sums[f"kl_{name}"] += float(kl)
-        self.count += len(targets_N)
+        self.add(LMLossBatch(clean_BTV, zero_BTV, input_ids_BT, text_BT), spliced_BTV)
+
+    def add(self, batch: LMLossBatch, spliced_BTV: torch.Tensor) -> None:
+        """One batch: its clean and zero-ablated terms (computed once for every dictionary spliced into it) and
+        the spliced forward's."""
+        spliced_NV = batch.log_probs(spliced_BTV)
+        self.sums["spliced"] += float(F.nll_loss(spliced_NV, batch.targets_N, reduction="sum"))
+        self.sums["kl_spliced"] += float(F.kl_div(spliced_NV, batch.clean_NV, log_target=True, reduction="sum"))
+        for name in ("clean", "zero", "kl_zero"):
+            self.sums[name] += batch.sums[name]
+        self.count += len(batch.targets_N)
 
     def result(self) -> dict:
         if self.count == 0:
@@ -172,10 +193,16 @@ Progress = Callable[[str, int], AbstractContextManager]
 
 
 @torch.no_grad()
-def held_out_pass(
+def held_out_pass(lm: LanguageModel, hook: HookPoint, sae, windows: Iterable[list[int]], **options) -> dict:
+    """``held_out_passes`` for one dictionary."""
+    return held_out_passes(lm, hook, [sae], windows, **options)[0]
+
+
+@torch.no_grad()
+def held_out_passes(
     lm: LanguageModel,
     hook: HookPoint,
-    sae,
+    saes: Sequence,
     windows: Iterable[list[int]],
     *,
     batch_size: int,
@@ -183,15 +210,18 @@ def held_out_pass(
     lm_loss_windows: int,
     on_batch: Callable[[int], None] = lambda _n: None,
     target_hook: HookPoint | None = None,
-) -> dict:
-    """Every metric of one pass over ``windows``: reconstruction and sparsity on all of them, and for the first
-    ``lm_loss_windows`` (rounded up to whole batches) also the LM loss and KL clean / spliced / zero-ablated.
+) -> list[dict]:
+    """Every metric of one pass over ``windows``, for each of ``saes`` (all at ``hook``): reconstruction and
+    sparsity on all of them, and for the first ``lm_loss_windows`` (rounded up to whole batches) also the LM loss
+    and KL clean / spliced / zero-ablated.
 
     Splicing and zero-ablation touch only text positions (BOS, EOS and padding, which the dictionary never saw
     in training, keep their clean values), and losses and KL are taken at predictions of text tokens. On the
     LM batches the reconstruction metrics come from the activation the spliced forward sees, so each batch
-    runs the model three times (clean, spliced, zero-ablated) and the SAE once; past them the forward stops
-    at the hook. ``on_batch(tokens)`` is called after each batch with its text-token count.
+    runs the model twice (clean, zero-ablated) and once more per dictionary (spliced); past them the forward
+    stops at the hook and every dictionary reads the same activations. The dictionaries share everything but
+    their own spliced forward, so comparing several costs little more than evaluating one. ``on_batch(tokens)``
+    is called after each batch with its text-token count.
 
     A transcoder (``target_hook`` set) reads ``hook`` and is spliced in at ``target_hook``: in the same forward
     the activation at ``hook`` is kept as it is, and the one at ``target_hook`` is replaced by the transcoder's
@@ -199,45 +229,57 @@ def held_out_pass(
     zeroes the target.
     """
     site = target_hook or hook
-    metrics = ReconstructionMetrics(sae.num_latents)
-    losses = LMLossSums()
+    metrics = [ReconstructionMetrics(sae.num_latents) for sae in saes]
+    losses = [LMLossSums() for _ in saes]
     windows_done = 0
     for input_ids, text_BT in _text_batches(lm, windows, batch_size, excluded_ids):
         if windows_done < lm_loss_windows:
-            inputs: dict[str, torch.Tensor] = {}
-
-            def keep_input(acts_BTD: torch.Tensor, inputs=inputs) -> torch.Tensor:
-                inputs["x"] = acts_BTD
-                return acts_BTD
-
-            def splice(acts_BTD: torch.Tensor, text_BT=text_BT, inputs=inputs) -> torch.Tensor:
-                y_BD = acts_BTD[text_BT]
-                x_BD = inputs["x"][text_BT] if target_hook is not None else y_BD
-                y_hat_BD, values_BK, indices_BK = reconstruct(sae, x_BD)
-                metrics.update(y_BD, y_hat_BD, values_BK, indices_BK)
-                out = acts_BTD.clone()
-                out[text_BT] = y_hat_BD.to(acts_BTD.dtype)
-                return out
-
             clean = lm.model(input_ids).logits
-            with ExitStack() as hooks:
-                if target_hook is not None:
-                    hooks.enter_context(replace_at_hook(lm.model, hook, keep_input))
-                hooks.enter_context(replace_at_hook(lm.model, site, splice))
-                spliced = lm.model(input_ids).logits
             with replace_at_hook(lm.model, site, _zero_at(text_BT)):
                 zero = lm.model(input_ids).logits
-            losses.update(clean, spliced, zero, input_ids, text_BT)
+            batch = LMLossBatch(clean, zero, input_ids, text_BT)
+            del clean, zero
+            for sae, sae_metrics, sae_losses in zip(saes, metrics, losses, strict=True):
+                sae_losses.add(batch, _spliced_logits(lm, hook, target_hook, sae, sae_metrics, input_ids, text_BT))
         else:
             acts = capture_at_hooks(lm.model, [hook, site], input_ids)
             x_BD, y_BD = acts[hook.name][text_BT], acts[site.name][text_BT]
-            metrics.update(y_BD, *reconstruct(sae, x_BD))
+            for sae, sae_metrics in zip(saes, metrics, strict=True):
+                sae_metrics.update(y_BD, *reconstruct(sae, x_BD))
         windows_done += len(input_ids)
         on_batch(int(text_BT.sum()))
-    result = metrics.result()
-    if losses.count:
-        result.update(losses.result())
-    return result
+    results = []
+    for sae_metrics, sae_losses in zip(metrics, losses, strict=True):
+        result = sae_metrics.result()
+        if sae_losses.count:
+            result.update(sae_losses.result())
+        results.append(result)
+    return results
+
+
+def _spliced_logits(lm, hook, target_hook, sae, metrics, input_ids, text_BT) -> torch.Tensor:
+    """The logits with ``sae``'s reconstruction spliced in at the text positions of its site; the reconstruction
+    metrics are updated with the activation that forward sees."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(acts_BTD: torch.Tensor) -> torch.Tensor:
+        inputs["x"] = acts_BTD
+        return acts_BTD
+
+    def splice(acts_BTD: torch.Tensor) -> torch.Tensor:
+        y_BD = acts_BTD[text_BT]
+        x_BD = inputs["x"][text_BT] if target_hook is not None else y_BD
+        y_hat_BD, values_BK, indices_BK = reconstruct(sae, x_BD)
+        metrics.update(y_BD, y_hat_BD, values_BK, indices_BK)
+        out = acts_BTD.clone()
+        out[text_BT] = y_hat_BD.to(acts_BTD.dtype)
+        return out
+
+    with ExitStack() as hooks:
+        if target_hook is not None:
+            hooks.enter_context(replace_at_hook(lm.model, hook, keep_input))
+        hooks.enter_context(replace_at_hook(lm.model, target_hook or hook, splice))
+        return lm.model(input_ids).logits
 
 
 class EvalSize(NamedTuple):
@@ -270,12 +312,27 @@ def evaluate_dictionary(
     progress: Progress = no_progress,
     target_hook: HookPoint | None = None,
 ) -> dict:
-    """Held-out evaluation of ``sae`` at ``hook`` (``size`` defaults to ``post_train_size(params)``): one pass for
-    reconstruction, sparsity, LM loss and KL; the decoder's and encoder's redundancy; absorption if asked.
-    A transcoder (``target_hook``) is measured against, and spliced in at, its target hook.
+    """``evaluate_dictionaries`` for one dictionary."""
+    return evaluate_dictionaries(lm, hook, [sae], params, size, progress, target_hook)[0]
 
-    The result's ``tokens`` and ``lm_loss_tokens`` say how much was read: fewer than asked when the held-out
-    text runs out (the caller says so); no held-out text at all is a ``UserError``.
+
+def evaluate_dictionaries(
+    lm: LanguageModel,
+    hook: HookPoint,
+    saes: Sequence,
+    params: Params,
+    size: EvalSize | None = None,
+    progress: Progress = no_progress,
+    target_hook: HookPoint | None = None,
+) -> list[dict]:
+    """Held-out evaluation of each of ``saes`` at ``hook`` (``size`` defaults to ``post_train_size(params)``):
+    one pass for reconstruction, sparsity, LM loss and KL, shared by all of them (``held_out_passes``); each
+    one's decoder and encoder redundancy; absorption if asked. A transcoder (``target_hook``) is measured
+    against, and spliced in at, its target hook.
+
+    Each result's ``tokens`` and ``lm_loss_tokens`` say how much was read: fewer than asked when the held-out
+    text runs out (the caller says so); no held-out text at all is a ``UserError``. Its ``seconds`` give the
+    shared pass's time and its own similarity and absorption times.
     """
     size = size or post_train_size(params)
     per_window = params.data.context_size - int(params.data.prepend_bos)
@@ -288,10 +345,10 @@ def evaluate_dictionary(
     started = time.perf_counter()
     with progress("held-out pass (reconstruction, LM loss, KL)", num_windows * per_window) as bar:
         try:
-            result = held_out_pass(
+            results = held_out_passes(
                 lm,
                 hook,
-                sae,
+                saes,
                 windows,
                 batch_size=params.eval.batch_size,
                 excluded_ids=excluded,
@@ -305,23 +362,27 @@ def evaluate_dictionary(
                 f"{params.data.held_out_every}th window of {params.data.context_size} tokens) has no text tokens "
                 "to evaluate on; give more text or a smaller data.held_out_every"
             ) from None
-    result["tokens_asked"], result["lm_loss_tokens_asked"] = size.tokens, size.lm_loss_tokens
-    seconds = {"held_out_pass": time.perf_counter() - started}
-    started = time.perf_counter()
-    with progress("decoder and encoder similarity", 2) as bar:
-        result["average_max_decoder_cosine_sim"] = mean_max_cosine_similarity(sae.W_dec)
-        bar.update(1)
-        result["average_max_encoder_cosine_sim"] = mean_max_cosine_similarity(sae.W_enc)
-        bar.update(1)
-    seconds["similarity"] = time.perf_counter() - started
-    if size.absorption_words:
+    pass_seconds = time.perf_counter() - started
+    for sae, result in zip(saes, results, strict=True):
+        result["tokens_asked"], result["lm_loss_tokens_asked"] = size.tokens, size.lm_loss_tokens
+        seconds = {"held_out_pass": pass_seconds}
         started = time.perf_counter()
-        result["absorption"] = absorption(lm, hook, sae, size.absorption_words, params.eval.batch_size * 8, progress)
-        result["absorption_rate"] = result["absorption"]["absorption_rate"]
-        result["mean_num_split_features"] = result["absorption"]["mean_num_split_features"]
-        seconds["absorption"] = time.perf_counter() - started
-    result["seconds"] = seconds
-    return result
+        with progress("decoder and encoder similarity", 2) as bar:
+            result["average_max_decoder_cosine_sim"] = mean_max_cosine_similarity(sae.W_dec)
+            bar.update(1)
+            result["average_max_encoder_cosine_sim"] = mean_max_cosine_similarity(sae.W_enc)
+            bar.update(1)
+        seconds["similarity"] = time.perf_counter() - started
+        if size.absorption_words:
+            started = time.perf_counter()
+            result["absorption"] = absorption(
+                lm, hook, sae, size.absorption_words, params.eval.batch_size * 8, progress
+            )
+            result["absorption_rate"] = result["absorption"]["absorption_rate"]
+            result["mean_num_split_features"] = result["absorption"]["mean_num_split_features"]
+            seconds["absorption"] = time.perf_counter() - started
+        result["seconds"] = seconds
+    return results
 
 
 def absorption(lm: LanguageModel, hook: HookPoint, sae, max_words: int, batch_size: int, progress: Progress) -> dict:
