@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dictlearn.activations.source import training_buffers
 from dictlearn.cli import argument_parser, keep_freed_memory, only_first_rank_prints, prepare_hooks, threads_from_env
 from dictlearn.errors import UserError, run_script
-from dictlearn.evaluation.evaluate import evaluate_dictionary
+from dictlearn.evaluation.evaluate import evaluate_dictionaries
 from dictlearn.files import check_output_folder, make_folder, read_json, write_json
 from dictlearn.formats.run_folder import AE_FILE, CHECKPOINT_FILE, EVAL_FILE, claim_run_folder, save_dictionary
 from dictlearn.locks import output_lock
@@ -39,6 +39,7 @@ from dictlearn.training.runs import (
     BUFFERS_FILE,
     Training,
     check_module_layout,
+    evaluation_groups,
     module_folder,
     plan_runs,
     set_up,
@@ -155,7 +156,7 @@ def train(params, lm, run, buffer, *, resume: bool, init_from: str | None, distr
 
         trainer.fit(on_step=show)
     if distributed.is_first:  # evaluation on rank 0 alone; the other ranks are done
-        finish(training, lm, (trainer.tokens - start_tokens) / (time.perf_counter() - start), tracker)
+        finish([training], lm, (trainer.tokens - start_tokens) / (time.perf_counter() - start), tracker)
 
 
 def sweep(params, lm, runs, sweep_folder: Path, *, resume: bool, distributed: Distributed | None = None) -> None:
@@ -188,8 +189,7 @@ def sweep(params, lm, runs, sweep_folder: Path, *, resume: bool, distributed: Di
     tokens_per_s = (first.tokens - start_tokens) / (time.perf_counter() - start)
     if not distributed.is_first:
         return
-    for training in trainings:
-        finish(training, lm, tokens_per_s, NoTracking())
+    finish(trainings, lm, tokens_per_s)
     (sweep_folder / BUFFERS_FILE).unlink(missing_ok=True)
 
 
@@ -208,27 +208,37 @@ def describe(training: Training, distributed: Distributed) -> str:
     )
 
 
-def finish(training: Training, lm, tokens_per_s: float, tracker) -> None:
-    """Save the dictionary, its plots and its evaluation; remove the checkpoint."""
-    run, trainer = training.run, training.trainer
-    if trainer.step < trainer.total_steps:
-        print(
-            f"note: the activations ran out after {trainer.tokens:,} of the {run.params.train.tokens:,} tokens asked for"
+def finish(trainings: list[Training], lm, tokens_per_s: float, tracker=None) -> None:
+    """Save each dictionary, its plots and its evaluation (one held-out pass for the runs that read the same
+    hooks and held-out text); remove the checkpoints. ``tracker`` serves a single run."""
+    for training in trainings:
+        run, trainer = training.run, training.trainer
+        if trainer.step < trainer.total_steps:
+            print(
+                f"note: the activations ran out after {trainer.tokens:,} of the {run.params.train.tokens:,} tokens "
+                "asked for"
+            )
+        trainer.finish()
+        save_dictionary(run.folder, training.sae, training.config)
+        plot_training_curves(trainer.metrics, run.folder)
+    for group in evaluation_groups(trainings):
+        run = group[0].run
+        results = evaluate_dictionaries(
+            lm, run.hook, [training.sae for training in group], run.params, target_hook=run.target_hook
         )
-    trainer.finish()
-    save_dictionary(run.folder, training.sae, training.config)
-    plot_training_curves(trainer.metrics, run.folder)
-    result = evaluate_dictionary(lm, run.hook, training.sae, run.params, target_hook=run.target_hook)
-    plot_density_histogram(result.pop("density").numpy(), run.folder)
-    result["train_tokens"], result["train_tokens_per_s"] = trainer.tokens, tokens_per_s
-    write_json(run.folder / EVAL_FILE, result)
-    tracker.summary(result)
-    tracker.finish()
-    trainer.checkpoint_path.unlink(missing_ok=True)
-    print_table(
-        evaluation_rows(result) + [["training tokens/s", f"{result['train_tokens_per_s']:,.0f}"]],
-        headers=["evaluation", str(run.folder)],
-    )
+        for training, result in zip(group, results, strict=True):
+            run, trainer = training.run, training.trainer
+            plot_density_histogram(result.pop("density").numpy(), run.folder)
+            result["train_tokens"], result["train_tokens_per_s"] = trainer.tokens, tokens_per_s
+            write_json(run.folder / EVAL_FILE, result)
+            if tracker is not None:
+                tracker.summary(result)
+                tracker.finish()
+            trainer.checkpoint_path.unlink(missing_ok=True)
+            print_table(
+                evaluation_rows(result) + [["training tokens/s", f"{result['train_tokens_per_s']:,.0f}"]],
+                headers=["evaluation", str(run.folder)],
+            )
 
 
 def summarise(runs, sweep_folder: Path) -> None:

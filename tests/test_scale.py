@@ -4,6 +4,7 @@ bit for bit, and a transcoder trains end to end (tiny Llama checkpoint, CPU)."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,10 +14,10 @@ from dictlearn.activations.source import training_buffers
 from dictlearn.activations.store import ActivationStore, StoreWriter, write_stores
 from dictlearn.errors import UserError
 from dictlearn.formats.run_folder import load_dictionary
-from dictlearn.lm.models import hook_width, load_language_model, resolve_hooks
+from dictlearn.lm.models import hook_width, load_language_model, resolve_hook, resolve_hooks
 from dictlearn.lm.text import training_windows
 from dictlearn.params import parse_params
-from dictlearn.training.runs import plan_runs, set_up, start_in_step, train_in_step
+from dictlearn.training.runs import evaluation_groups, plan_runs, set_up, start_in_step, train_in_step
 from tests.test_scripts import run as run_script
 from tests.test_scripts import tiny_params
 
@@ -201,3 +202,25 @@ def test_a_transcoder_trains_and_its_folder_round_trips(tmp_path, tiny_checkpoin
     again = run_script("evaluate.py", params, tmp_path, "--dictionary", str(folder))
     assert again.returncode == 0, again.stderr
     assert json.loads((folder / "eval.json").read_text())["fvu"] < 1
+
+
+def test_a_sweeps_runs_share_one_evaluation_pass_with_the_figures_each_gets_alone(tmp_path, tiny_checkpoint_with_text):
+    from dictlearn.evaluation.evaluate import evaluate_dictionary
+
+    model, corpus = tiny_checkpoint_with_text
+    data = tiny_params(model, corpus, tmp_path, tokens=1024)
+    data["sweep"] = {"name": "ks", "variants": [{"sae": {"k": 2}}, {"sae": {"k": 4}}]}
+    trained = run_script("training_script.py", data, tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    params = parse_params({key: value for key, value in data.items() if key != "sweep"})
+    lm = load_language_model(params.model)
+    hook = resolve_hook(lm.config, data["hook"])
+    runs = plan_runs(parse_params(data), lm.config, "model", [hook], "params")
+    assert [len(group) for group in evaluation_groups([SimpleNamespace(run=run) for run in runs])] == [2]
+    for name in ("128_k2", "128_k4"):
+        folder = tmp_path / "dicts" / "model" / hook.name / name
+        sae, _config = load_dictionary(folder)
+        alone = evaluate_dictionary(lm, hook, sae, params)
+        saved = json.loads((folder / "eval.json").read_text())
+        for key in ("fvu", "l0", "ce_loss_score", "kl_div_score", "tokens", "lm_loss_tokens"):
+            assert saved[key] == pytest.approx(alone[key], rel=1e-5), (name, key)

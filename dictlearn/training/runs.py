@@ -8,6 +8,7 @@ thread count). Shared buffers are checkpointed once, in the sweep folder, beside
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,3 +220,18 @@ def check_module_layout(sweep_folder: Path, world_size: int) -> None:
             f"--resume: {sweep_folder} holds a train.distribute 'modules' sweep placed on {processes} processes and "
             f"this run has {world_size}; resume with torchrun --nproc_per_node {processes}"
         )
+
+
+def evaluation_groups(trainings: list[Training]) -> list[list[Training]]:
+    """The runs one held-out pass can evaluate together: the same hook and target hook, and the same held-out
+    text and evaluation sizes (a sweep's variants differ in their SAE and learning rate only)."""
+
+    def key(training: Training) -> str:
+        run, params = training.run, training.run.params
+        reads = (run.hook.name, run.target_hook.name if run.target_hook else None)
+        return json.dumps([reads, params.data.model_dump(), params.eval.model_dump(), params.buffer.model_dump()])
+
+    groups: dict[str, list[Training]] = {}
+    for training in trainings:
+        groups.setdefault(key(training), []).append(training)
+    return list(groups.values())
