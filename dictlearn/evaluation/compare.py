@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dictlearn.analysis.dictionary_on_model import DictionaryOnModel, open_dictionary
 from dictlearn.errors import UserError
+from dictlearn.evaluation.evaluate import shared_pass_key
 from dictlearn.formats.run_folder import AE_FILE
 from dictlearn.params import Params
 from dictlearn.sae.base import SparseAutoencoder
@@ -66,8 +67,8 @@ def dictionaries_on_models(params: Params, folders: list[Path]) -> Iterator[tupl
 def dictionaries_in_groups(
     opened: Iterable[tuple[Path, DictionaryOnModel]],
 ) -> Iterator[list[tuple[Path, DictionaryOnModel]]]:
-    """Runs of consecutive dictionaries that one held-out pass can evaluate together: the same loaded model, the
-    same hook (and target hook) and the same params."""
+    """Runs of consecutive dictionaries that one held-out pass can evaluate together: the same loaded model and
+    the same ``shared_pass_key``."""
     group: list[tuple[Path, DictionaryOnModel]] = []
     for folder, dictionary in opened:
         if group and not _one_pass(group[0][1], dictionary):
@@ -79,12 +80,8 @@ def dictionaries_in_groups(
 
 
 def _one_pass(a: DictionaryOnModel, b: DictionaryOnModel) -> bool:
-    target_a, target_b = (None if d.target_hook is None else d.target_hook.name for d in (a, b))
-    return (
-        a.lm is b.lm
-        and a.hook.name == b.hook.name
-        and target_a == target_b
-        and a.params.model_dump() == b.params.model_dump()
+    return a.lm is b.lm and shared_pass_key(a.hook, a.target_hook, a.params) == shared_pass_key(
+        b.hook, b.target_hook, b.params
     )
 
 

@@ -10,6 +10,7 @@ The result's keys are SAEBench core's output names (``explained_variance``, ``ce
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -301,6 +302,15 @@ def full_size(params: Params) -> EvalSize:
     """evaluate.py's evaluation: ``eval.evaluate_tokens``, ``eval.evaluate_lm_loss_tokens`` and
     ``eval.absorption_words``, large enough to compare dictionaries."""
     return EvalSize(params.eval.evaluate_tokens, params.eval.evaluate_lm_loss_tokens, params.eval.absorption_words)
+
+
+def shared_pass_key(hook: HookPoint, target_hook: HookPoint | None, params: Params) -> str:
+    """All that ``evaluate_dictionaries``' held-out pass reads besides the dictionaries: the hook (and target
+    hook), the held-out text, the evaluation sizes and the excluded tokens. Dictionaries on one loaded model with
+    equal keys can share one pass."""
+    reads = [hook.name, target_hook.name if target_hook is not None else None]
+    sections = [params.data.model_dump(mode="json"), params.eval.model_dump(mode="json")]
+    return json.dumps([reads, sections, params.buffer.exclude_special_tokens])
 
 
 def evaluate_dictionary(

@@ -8,7 +8,6 @@ thread count). Shared buffers are checkpointed once, in the sweep folder, beside
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from dictlearn.activations.buffer import ShuffledBuffer
 from dictlearn.errors import UserError
+from dictlearn.evaluation.evaluate import shared_pass_key
 from dictlearn.files import read_torch, torch_save
 from dictlearn.formats.detect import open_any
 from dictlearn.formats.run_folder import check_dictionary_matches, dictionary_config, num_latents_of, run_folder
@@ -223,15 +223,10 @@ def check_module_layout(sweep_folder: Path, world_size: int) -> None:
 
 
 def evaluation_groups(trainings: list[Training]) -> list[list[Training]]:
-    """The runs one held-out pass can evaluate together: the same hook and target hook, and the same held-out
-    text and evaluation sizes (a sweep's variants differ in their SAE and learning rate only)."""
-
-    def key(training: Training) -> str:
-        run, params = training.run, training.run.params
-        reads = (run.hook.name, run.target_hook.name if run.target_hook else None)
-        return json.dumps([reads, params.data.model_dump(), params.eval.model_dump(), params.buffer.model_dump()])
-
+    """The runs one held-out pass can evaluate together (equal ``shared_pass_key``; a sweep's variants differ in
+    their SAE and learning rate only)."""
     groups: dict[str, list[Training]] = {}
     for training in trainings:
-        groups.setdefault(key(training), []).append(training)
+        run = training.run
+        groups.setdefault(shared_pass_key(run.hook, run.target_hook, run.params), []).append(training)
     return list(groups.values())
